@@ -1,0 +1,247 @@
+"""Model and adapter configuration: one frozen dataclass per concern.
+
+Conventions that hold across the whole project (stated once, here):
+
+* Kernels are stored ``[in, out]`` so a linear layer is ``y = x @ W + b``. PyTorch's
+  ``nn.Linear`` stores ``[out, in]``; the Hugging Face loader transposes on the way in and
+  every exporter transposes on the way out. (GPT-2's ``Conv1D`` already stores ``[in, out]``.)
+* Axis letters: B batch, T query positions, S key positions, D model width, F MLP width,
+  V vocabulary, N query heads, K key/value heads, G = N // K, H head dim, R LoRA rank.
+* NF4 kernels hold the quantized ``W.T`` (the PyTorch ``[out, in]`` row-major order) so that
+  the packed bytes are the ones bitsandbytes writes; see ``nf4.py``.
+
+Three architecture families share one forward pass and differ only in these fields:
+
+==========  ===========  ==========  ===========  ==========  ======  ====
+family      position     norm        norm order   activation  bias    tied
+==========  ===========  ==========  ===========  ==========  ======  ====
+classic     sinusoidal   layernorm   post or pre  relu/gelu   all     no
+gpt2        learned      layernorm   pre          gelu_tanh   all     yes
+llama       rope         rmsnorm     pre          swiglu      none    no
+==========  ===========  ==========  ===========  ==========  ======  ====
+
+Qwen2 is the llama family with ``bias="qkv"``; small Llama-3 models set ``tie_embeddings``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Family = Literal["classic", "gpt2", "llama"]
+Position = Literal["sinusoidal", "learned", "rope"]
+Norm = Literal["layernorm", "rmsnorm"]
+NormOrder = Literal["pre", "post"]
+Activation = Literal["relu", "gelu", "gelu_tanh", "swiglu"]
+Bias = Literal["none", "qkv", "all"]
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "family": ("classic", "gpt2", "llama"),
+    "position": ("sinusoidal", "learned", "rope"),
+    "norm": ("layernorm", "rmsnorm"),
+    "norm_order": ("pre", "post"),
+    "activation": ("relu", "gelu", "gelu_tanh", "swiglu"),
+    "bias": ("none", "qkv", "all"),
+}
+
+
+def _check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}.{name}: expected one of {list(choices)}, got {value!r}")
+
+
+def _check_positive(owner: str, name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{owner}.{name}: expected a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 RoPE frequency scaling (``rope_type: "llama3"`` in Hugging Face configs)."""
+
+    factor: float  # divide low frequencies (long wavelengths) by this
+    low_freq_factor: float  # wavelengths above original_max / low_freq_factor are scaled
+    high_freq_factor: float  # wavelengths below original_max / high_freq_factor are kept
+    original_max_position_embeddings: int  # context length the model was pre-trained on
+
+    def __post_init__(self) -> None:
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"RopeScaling.{name}: expected a positive number, got {v!r}")
+        if not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(
+                "RopeScaling.high_freq_factor: expected > low_freq_factor "
+                f"({self.low_freq_factor}), got {self.high_freq_factor}"
+            )
+        _check_positive(
+            "RopeScaling", "original_max_position_embeddings", self.original_max_position_embeddings
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer. See the module docstring for the families."""
+
+    family: Family  # which architecture family (decides the checkpoint names)
+    vocab_size: int  # V
+    d_model: int  # D, residual stream width
+    n_layers: int  # number of decoder blocks
+    n_heads: int  # N, query heads
+    d_ff: int  # F, MLP hidden width
+    max_seq_len: int  # longest position the model accepts
+    n_kv_heads: int | None = None  # K, key/value heads; None means N (no grouping)
+    head_dim: int | None = None  # H; None means D // N
+    position: Position = "rope"  # how positions enter the model
+    norm: Norm = "rmsnorm"  # normalisation layer
+    norm_order: NormOrder = "pre"  # pre-LN (GPT-2, Llama) or post-LN (the 2017 paper)
+    norm_eps: float = 1e-5  # epsilon inside the norm's square root
+    activation: Activation = "swiglu"  # MLP non-linearity; swiglu uses gate_proj
+    bias: Bias = "none"  # which linear layers carry a bias
+    tie_embeddings: bool = False  # lm_head reuses the token embedding matrix
+    scale_embeddings: bool = False  # multiply token embeddings by sqrt(D) (the 2017 paper)
+    rope_theta: float = 10000.0  # RoPE base wavelength
+    rope_scaling: RopeScaling | None = None  # Llama-3 frequency scaling, or None
+
+    def __post_init__(self) -> None:
+        owner = "ModelConfig"
+        for name, choices in _CHOICES.items():
+            _check_choice(owner, name, getattr(self, name), choices)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            _check_positive(owner, name, getattr(self, name))
+        if self.n_kv_heads is not None:
+            _check_positive(owner, "n_kv_heads", self.n_kv_heads)
+            if self.n_heads % self.n_kv_heads:
+                raise ValueError(
+                    f"{owner}.n_kv_heads: must divide n_heads={self.n_heads}, got {self.n_kv_heads}"
+                )
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"{owner}.head_dim: d_model={self.d_model} is not divisible by "
+                    f"n_heads={self.n_heads}; set head_dim explicitly"
+                )
+        else:
+            _check_positive(owner, "head_dim", self.head_dim)
+        if self.position == "rope" and self.hd % 2:
+            raise ValueError(f"{owner}.head_dim: rope needs an even head_dim, got {self.hd}")
+        if self.position == "sinusoidal" and self.d_model % 2:
+            raise ValueError(
+                f"{owner}.d_model: sinusoidal positions need an even width, got {self.d_model}"
+            )
+        if not self.norm_eps > 0:
+            raise ValueError(f"{owner}.norm_eps: expected > 0, got {self.norm_eps!r}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"{owner}.rope_theta: expected > 0, got {self.rope_theta!r}")
+        if self.rope_scaling is not None and self.position != "rope":
+            raise ValueError(
+                f"{owner}.rope_scaling: only meaningful with position='rope', "
+                f"got position={self.position!r}"
+            )
+        if self.family == "gpt2" and self.norm_order != "pre":
+            raise ValueError(f"{owner}.norm_order: gpt2 is pre-LN, got {self.norm_order!r}")
+
+    # Derived sizes -------------------------------------------------------------------
+    @property
+    def n_kv(self) -> int:
+        """K: key/value heads."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def hd(self) -> int:
+        """H: width of one head."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def fused_qkv(self) -> bool:
+        """GPT-2 computes q, k and v with one ``c_attn`` projection ``[D, 3*N*H]``."""
+        return self.family == "gpt2"
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """A LoRA adapter on selected linear layers, with PEFT semantics.
+
+    ``y = x @ W + b + scale * dropout(x) @ A @ B`` with ``A: [in, R]``, ``B: [R, out]`` and
+    ``scale = alpha / R`` (``alpha / sqrt(R)`` with rsLoRA).
+    """
+
+    rank: int = 8  # R
+    alpha: float = 16.0  # scaling numerator
+    dropout: float = 0.0  # probability of zeroing an adapter input element while training
+    targets: tuple[str, ...] = ("q_proj", "v_proj")  # module names, as in the checkpoint
+    use_rslora: bool = False  # scale by alpha / sqrt(R) instead of alpha / R
+    seed: int = 0  # seed of the kaiming-uniform initialisation of A
+
+    def __post_init__(self) -> None:
+        _check_positive("LoraConfig", "rank", self.rank)
+        if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"LoraConfig.alpha: expected a positive number, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout: expected 0 <= p < 1, got {self.dropout!r}")
+        if isinstance(self.targets, str) or not self.targets:
+            raise ValueError(
+                f"LoraConfig.targets: expected a non-empty tuple of names, got {self.targets!r}"
+            )
+
+    @property
+    def scale(self) -> float:
+        """The factor in front of ``x @ A @ B``."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def classic_config(**overrides: Any) -> ModelConfig:
+    """The decoder of "Attention Is All You Need": sinusoidal, post-LN, ReLU, biases."""
+    base: dict[str, Any] = dict(
+        family="classic",
+        position="sinusoidal",
+        norm="layernorm",
+        norm_order="post",
+        activation="relu",
+        bias="all",
+        scale_embeddings=True,
+    )
+    return ModelConfig(**{**base, **overrides})
+
+
+def gpt2_config(**overrides: Any) -> ModelConfig:
+    """GPT-2: learned positions, pre-LN, GELU (tanh), biases, tied embeddings."""
+    base: dict[str, Any] = dict(
+        family="gpt2",
+        position="learned",
+        norm="layernorm",
+        norm_order="pre",
+        activation="gelu_tanh",
+        bias="all",
+        tie_embeddings=True,
+    )
+    return ModelConfig(**{**base, **overrides})
+
+
+def llama_config(**overrides: Any) -> ModelConfig:
+    """Llama family: RoPE, RMSNorm, SwiGLU, GQA, no biases (Qwen2: ``bias="qkv"``)."""
+    base: dict[str, Any] = dict(
+        family="llama",
+        position="rope",
+        norm="rmsnorm",
+        norm_order="pre",
+        activation="swiglu",
+        bias="none",
+    )
+    return ModelConfig(**{**base, **overrides})
+
+
+__all__ = [
+    "LoraConfig",
+    "ModelConfig",
+    "RopeScaling",
+    "classic_config",
+    "gpt2_config",
+    "llama_config",
+]

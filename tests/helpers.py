@@ -1,0 +1,36 @@
+"""Helpers shared by the tests: the one table of tolerances and the error measure."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Relative tolerances per dtype, used by every parity check in the suite.
+#   float64: spec vs finite differences, and engine vs spec in x64 mode.
+#   float32: engine vs spec, spec vs transformers.
+#   bfloat16: relative norm error of bf16 compute against a float64 reference.
+RTOL = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2}
+FD_RTOL = 1e-6  # central finite differences in float64 against a hand-derived backward
+HF_RTOL = 1e-4  # our float32 logits against transformers' float32 logits
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """Relative norm error ``|a - b| / max(|b|, tiny)`` over all elements."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise AssertionError(f"shape mismatch: {a.shape} vs {b.shape}")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def grad_rel_errs(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict[str, float]:
+    """Relative error of every gradient leaf, measured against at least 1% of the largest
+    leaf's norm: some gradients are zero in exact arithmetic (a key bias: softmax ignores a
+    shift shared by all keys) and hold only rounding noise, which has no relative size."""
+    if set(got) != set(want):
+        raise AssertionError(f"gradient leaves differ: {sorted(set(got) ^ set(want))}")
+    floor = 0.01 * max(float(np.linalg.norm(w)) for w in want.values())
+    out = {}
+    for path, w in want.items():
+        diff = np.asarray(got[path], np.float64) - np.asarray(w, np.float64)
+        out[path] = float(np.linalg.norm(diff) / max(float(np.linalg.norm(w)), floor))
+    return out
