@@ -1,0 +1,167 @@
+"""Mirror of ``ref_numpy/layers.py``: the same ops in jnp, differentiated by JAX.
+
+Mixed precision: inputs arrive in the compute dtype; norms, softmax and the loss accumulate
+in at least float32 (``acc_dtype``) and cast back, because a bfloat16 mean over a few
+thousand features loses most of its bits. Variables carry logical axis names
+(``sharding_names``) so a mesh can be laid over them without touching this code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ref_numpy.layers import IGNORE_INDEX
+
+Array = jax.Array
+
+
+class Frozen(nnx.Variable):
+    """A base weight that does not train (LoRA / QLoRA): not an ``nnx.Param``, so an optimizer
+    or ``nnx.grad`` filtered on ``nnx.Param`` never sees it."""
+
+
+def acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """The dtype reductions run in: float32, or float64 when the input is float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def variable(kind: type[nnx.Variable], value: Array, axes: tuple[str | None, ...]) -> nnx.Variable:
+    """A variable of ``kind`` with logical axis names (no mesh needed to create it)."""
+    return kind(value, sharding_names=axes, eager_sharding=False)
+
+
+_PROJ_AXES = {
+    ("attn", "q_proj"): ("embed", "q_heads"),
+    ("attn", "k_proj"): ("embed", "kv_heads"),
+    ("attn", "v_proj"): ("embed", "kv_heads"),
+    ("attn", "o_proj"): ("q_heads", "embed"),
+    ("attn", "c_attn"): ("embed", "qkv_heads"),
+    ("attn", "c_proj"): ("q_heads", "embed"),
+    ("mlp", "gate_proj"): ("embed", "mlp"),
+    ("mlp", "up_proj"): ("embed", "mlp"),
+    ("mlp", "c_fc"): ("embed", "mlp"),
+    ("mlp", "down_proj"): ("mlp", "embed"),
+    ("mlp", "c_proj"): ("mlp", "embed"),
+}
+
+
+def proj_axes(group: str, name: str) -> tuple[str, str]:
+    """Logical names of a projection kernel's ``[in, out]`` axes, e.g. ``("embed", "mlp")``.
+
+    The full vocabulary: ``layers`` (stacked blocks), ``vocab``, ``embed``, ``q_heads``,
+    ``kv_heads``, ``qkv_heads``, ``mlp``, ``lora_rank``, ``positions``, ``nf4_bytes``,
+    ``nf4_blocks``. ``sharding.py`` maps them onto mesh axes.
+    """
+    return _PROJ_AXES[(group, name)]
+
+
+# --- the ops --------------------------------------------------------------------------
+
+
+def embedding(ids: Array, table: Array) -> Array:
+    """[B, T] ids, [V, D] table -> [B, T, D]."""
+    return jnp.take(table, ids, axis=0)
+
+
+def linear(x: Array, kernel: Array, bias: Array | None = None) -> Array:
+    """``x @ W + b``, kernel ``[in, out]``. [..., I] -> [..., O] in x's dtype.
+
+    The products are summed in ``acc_dtype`` (what GPU and TPU matrix units do for bf16).
+    """
+    y = jnp.einsum("...I,IO->...O", x, kernel, preferred_element_type=acc_dtype(x.dtype))
+    return (y if bias is None else y + bias).astype(x.dtype)
+
+
+def layer_norm(x: Array, weight: Array, bias: Array, eps: float) -> Array:
+    """LayerNorm over the last axis, accumulated in ``acc_dtype``. [..., D] -> [..., D]."""
+    xf = x.astype(acc_dtype(x.dtype))
+    mu = xf.mean(axis=-1, keepdims=True)
+    xc = xf - mu
+    xhat = xc * jax.lax.rsqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
+    return (xhat * weight + bias).astype(x.dtype)
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """RMSNorm over the last axis, accumulated in ``acc_dtype``. [..., D] -> [..., D]."""
+    xf = x.astype(acc_dtype(x.dtype))
+    xhat = xf * jax.lax.rsqrt((xf * xf).mean(axis=-1, keepdims=True) + eps)
+    return (xhat * weight).astype(x.dtype)
+
+
+def relu(x: Array) -> Array:
+    return jnp.maximum(x, 0)
+
+
+def gelu(x: Array) -> Array:
+    """Exact GELU, ``x * Phi(x)``."""
+    return x * 0.5 * (1.0 + jax.lax.erf(x / math.sqrt(2.0)))
+
+
+def gelu_tanh(x: Array) -> Array:
+    """GELU, tanh approximation (GPT-2)."""
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def silu(x: Array) -> Array:
+    return x * jax.nn.sigmoid(x)
+
+
+def swiglu(gate: Array, up: Array) -> Array:
+    """``silu(gate) * up``. [..., F] -> [..., F]."""
+    return silu(gate) * up
+
+
+ACTIVATIONS = {"relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh}
+
+
+def softmax(x: Array, mask: Array | None = None) -> Array:
+    """Masked softmax over the last axis, accumulated in ``acc_dtype``; a fully masked row
+    gives zeros. [..., S] -> [..., S] in x's dtype."""
+    xf = x.astype(acc_dtype(x.dtype))
+    if mask is not None:
+        xf = jnp.where(mask, xf, -jnp.inf)
+    m = jax.lax.stop_gradient(xf.max(axis=-1, keepdims=True))  # softmax ignores the shift
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(xf - m)
+    z = e.sum(axis=-1, keepdims=True)
+    return (e / jnp.where(z > 0, z, 1.0)).astype(x.dtype)
+
+
+def cross_entropy(logits: Array, targets: Array) -> tuple[Array, Array]:
+    """Mean token cross-entropy over targets != -100, and the count of those targets.
+
+    Args: logits [B, T, V]; targets int [B, T]. Returns (scalar loss in ``acc_dtype``, int
+    count). The loss is 0 when nothing counts.
+    """
+    lf = logits.astype(acc_dtype(logits.dtype))
+    valid = targets != IGNORE_INDEX
+    safe = jnp.where(valid, targets, 0)
+    lse = jax.nn.logsumexp(lf, axis=-1)  # [B,T]
+    picked = jnp.take_along_axis(lf, safe[..., None], axis=-1)[..., 0]  # [B,T]
+    count = valid.sum()
+    loss = jnp.where(valid, lse - picked, 0.0).sum() / jnp.maximum(count, 1)
+    return loss, count
+
+
+# --- modules --------------------------------------------------------------------------
+
+
+class Norm(nnx.Module):
+    """LayerNorm (``weight``, ``bias``) or RMSNorm (``weight``), as ``cfg.norm`` says."""
+
+    def __init__(
+        self, d: int, kind: str, eps: float, base: type[nnx.Variable], param_dtype: jnp.dtype
+    ) -> None:
+        self.kind, self.eps = kind, eps
+        self.weight = variable(base, jnp.ones((d,), param_dtype), ("embed",))
+        if kind == "layernorm":
+            self.bias = variable(base, jnp.zeros((d,), param_dtype), ("embed",))
+
+    def __call__(self, x: Array) -> Array:
+        if self.kind == "layernorm":
+            return layer_norm(x, self.weight[...], self.bias[...], self.eps)
+        return rms_norm(x, self.weight[...], self.eps)

@@ -1,0 +1,101 @@
+"""Mirror of ``ref_numpy/lora.py``: the projection every linear layer goes through.
+
+``y = x @ W + b + scale * (dropout(x) @ A) @ B``. Which leaves train is expressed by variable
+type: adapters are ``nnx.LoRAParam`` (a subclass of ``nnx.Param``); in LoRA / QLoRA mode the
+base weights are ``Frozen`` (not a Param) or NF4 state, so ``nnx.grad`` and the optimizer,
+filtered on ``nnx.Param``, only ever see the adapters. In full fine-tuning the base weights
+are plain ``nnx.Param``. The base weight keeps its path (``.../q_proj/kernel``) either way.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ref_numpy.config import LoraConfig
+
+from .layers import linear, variable
+from .nf4 import NF4Kernel
+
+Array = jax.Array
+
+
+def dropout_mask(key: Array, shape: tuple[int, ...], rate: float, dtype: jnp.dtype) -> Array:
+    """Inverted-dropout mask of 0 and ``1/(1-rate)``, the spec's explicit ``dropout_mask``."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, shape)
+    return keep.astype(dtype) / (1.0 - rate)
+
+
+class Dense(nnx.Module):
+    """A projection ``[in, out]`` with an optional bias, LoRA adapter and NF4 base.
+
+    Args:
+      d_in, d_out: I and O.
+      axes: logical names of the kernel's two axes, e.g. ``("embed", "q_heads")``.
+      bias: whether there is a bias ``[O]``.
+      base: variable type of the base weights (``nnx.Param`` or ``Frozen``).
+      lora: adapter config, or None for no adapter.
+      quantized: hold the kernel as NF4 (QLoRA); it is dequantized inside the computation.
+      blocksize, double_quant: NF4 settings.
+      param_dtype: storage dtype of float weights and adapters.
+      dtype: compute dtype.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        axes: tuple[str, str],
+        bias: bool,
+        base: type[nnx.Variable],
+        lora: LoraConfig | None,
+        quantized: bool,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        param_dtype: jnp.dtype,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ) -> None:
+        self.dtype = dtype
+        w = jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32) * 0.02
+        if quantized:
+            self.kernel: nnx.Module | nnx.Variable = NF4Kernel.from_kernel(
+                w, blocksize, double_quant
+            )
+        else:
+            self.kernel = variable(base, w.astype(param_dtype), axes)
+        if bias:
+            self.bias = variable(base, jnp.zeros((d_out,), param_dtype), (axes[1],))
+        self.scale = 0.0
+        self.rate = 0.0
+        if lora is not None:
+            bound = 1.0 / d_in**0.5  # kaiming-uniform with a = sqrt(5), as PEFT
+            a = jax.random.uniform(rngs.params(), (d_in, lora.rank), param_dtype, -bound, bound)
+            self.lora_A = variable(nnx.LoRAParam, a, (axes[0], "lora_rank"))
+            self.lora_B = variable(
+                nnx.LoRAParam, jnp.zeros((lora.rank, d_out), param_dtype), ("lora_rank", axes[1])
+            )
+            self.scale, self.rate = lora.scale, lora.dropout
+
+    def weight(self) -> Array:
+        """The base kernel ``[I, O]`` in the compute dtype (dequantized if NF4)."""
+        kernel = self.kernel
+        if isinstance(kernel, NF4Kernel):
+            return kernel.dequantize(self.dtype)
+        assert isinstance(kernel, nnx.Variable)
+        return kernel[...].astype(self.dtype)
+
+    def __call__(self, x: Array, dropout_key: Array | None = None) -> Array:
+        """[..., I] -> [..., O]. ``dropout_key`` switches adapter dropout on (training)."""
+        x = x.astype(self.dtype)
+        bias = self.bias[...].astype(self.dtype) if hasattr(self, "bias") else None
+        y = linear(x, self.weight(), bias)
+        if not hasattr(self, "lora_A"):
+            return y
+        xd = x
+        if dropout_key is not None and self.rate > 0:
+            xd = x * dropout_mask(dropout_key, x.shape, self.rate, x.dtype)
+        h = jnp.einsum("...I,IR->...R", xd, self.lora_A[...].astype(self.dtype))
+        return y + self.scale * jnp.einsum("...R,RO->...O", h, self.lora_B[...].astype(self.dtype))

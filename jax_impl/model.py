@@ -1,0 +1,346 @@
+"""Mirror of ``ref_numpy/model.py``: the decoder as Flax NNX modules, layers stacked and scanned.
+
+The NNX state has the spec's param names; the blocks are stacked on a leading ``layers`` axis
+and run under ``nnx.scan``, so compile time does not grow with depth. The one mapping between
+the two trees (``from_spec`` / ``to_spec``)::
+
+    spec  params["layers"][i]["attn"]["q_proj"]["kernel"]       [D, N*H]
+    nnx   model.layers.attn.q_proj.kernel                       [L, D, N*H]   (row i)
+    spec  params["embed"]["embedding"]                          [V, D]
+    nnx   model.embed.embedding                                 [V, D]
+
+and an NF4 kernel (``ref_numpy.nf4.NF4Tensor``) maps field by field onto
+``.../kernel/{packed, absmax, nested_absmax, nested_code, offset}``.
+
+Variable types say what trains (see ``lora.py``): full fine-tuning makes every base weight an
+``nnx.Param``; with a LoRA config the base is ``Frozen`` and only ``nnx.LoRAParam`` adapters
+are Params; QLoRA additionally holds the projection kernels as NF4 state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ref_numpy.config import LoraConfig, ModelConfig
+from ref_numpy.lora import matches_target
+from ref_numpy.model import attn_shapes, has_bias, mlp_names, mlp_shapes
+from ref_numpy.nf4 import NF4Tensor
+
+from .attention import Attention, AttnImpl, attention_mask
+from .layers import (
+    ACTIVATIONS,
+    Frozen,
+    Norm,
+    acc_dtype,
+    cross_entropy,
+    embedding,
+    proj_axes,
+    swiglu,
+    variable,
+)
+from .lora import Dense
+from .nf4 import NF4State
+from .positional import inv_freq, learned, sinusoidal
+
+Array = jax.Array
+Remat = Literal["none", "full", "dots"]
+
+REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
+    "full": None,  # save nothing inside a block: recompute it all in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs a model (the spec has no counterpart: it is float64 NumPy)."""
+
+    param_dtype: Any = jnp.float32  # storage of float weights and adapters
+    dtype: Any = jnp.float32  # compute dtype of matmuls and activations
+    attn_impl: AttnImpl = "einsum"  # attention path, see attention.py
+    remat: Remat = "none"  # per-block rematerialisation policy
+    quantize: bool = False  # hold projection kernels as NF4 (QLoRA)
+    nf4_blocksize: int = 64  # NF4 block size
+    double_quant: bool = True  # quantize the NF4 absmax too
+
+    def __post_init__(self) -> None:
+        for name, choices in (("attn_impl", ("einsum", "xla", "cudnn")),
+                              ("remat", ("none", "full", "dots"))):  # fmt: skip
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"EngineConfig.{name}: expected one of {list(choices)}, "
+                    f"got {getattr(self, name)!r}"
+                )
+
+
+def lora_targets(cfg: ModelConfig, lora: LoraConfig | None) -> frozenset[tuple[str, str]]:
+    """``{(group, name)}`` of the adapted projections, the same in every (stacked) layer.
+
+    Raises ValueError for a target that matches nothing, and for targets that select
+    different projections in different layers (the blocks share one structure).
+    """
+    if lora is None:
+        return frozenset()
+    names = [("attn", n) for n in attn_shapes(cfg)] + [("mlp", n) for n in mlp_shapes(cfg)]
+    per_layer = [
+        frozenset(gn for gn in names if matches_target(f"layers.{i}.{gn[0]}.{gn[1]}", lora.targets))
+        for i in range(cfg.n_layers)
+    ]
+    for t in lora.targets:
+        if not any(matches_target(f"layers.{i}.{g}.{n}", (t,))
+                   for i in range(cfg.n_layers) for g, n in names):  # fmt: skip
+            raise ValueError(
+                f"LoraConfig.targets: {t!r} matches no module of this {cfg.family} model; "
+                f"available: {sorted({n for _, n in names})}"
+            )
+    if len(set(per_layer)) > 1:
+        raise ValueError(
+            "LoraConfig.targets: the engine stacks its layers, so targets must select the same "
+            f"projections in every layer; got {[sorted(s) for s in per_layer]}"
+        )
+    return per_layer[0]
+
+
+class MLP(nnx.Module):
+    """``down(act(up(x)))`` or SwiGLU ``down(silu(gate(x)) * up(x))``, as ``mlp_forward``."""
+
+    def __init__(self, cfg: ModelConfig, make: Callable[[str, str, int, int], Dense]) -> None:
+        self.names = mlp_names(cfg)
+        self.activation = cfg.activation
+        for name, (d_in, d_out) in mlp_shapes(cfg).items():
+            setattr(self, name, make("mlp", name, d_in, d_out))
+
+    def __call__(self, x: Array, keys: dict[str, Array]) -> Array:
+        def proj(name: str, inp: Array) -> Array:
+            dense: Dense = getattr(self, name)
+            return dense(inp, keys.get(name))
+
+        up, down = self.names[-2], self.names[-1]
+        if self.activation == "swiglu":
+            return proj(down, swiglu(proj("gate_proj", x), proj(up, x)))
+        return proj(down, ACTIVATIONS[self.activation](proj(up, x)))
+
+
+class Block(nnx.Module):
+    """One decoder block, pre-LN or post-LN, as ``block_forward``."""
+
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, eng: EngineConfig,
+                 rngs: nnx.Rngs) -> None:  # fmt: skip
+        base = nnx.Param if lora is None and not eng.quantize else Frozen
+        targets = lora_targets(cfg, lora)
+
+        def make(group: str, name: str, d_in: int, d_out: int) -> Dense:
+            return Dense(
+                d_in, d_out, axes=proj_axes(group, name), bias=has_bias(cfg, name), base=base,
+                lora=lora if (group, name) in targets else None, quantized=eng.quantize,
+                blocksize=eng.nf4_blocksize, double_quant=eng.double_quant,
+                param_dtype=eng.param_dtype, dtype=eng.dtype, rngs=rngs,
+            )  # fmt: skip
+
+        self.pre = cfg.norm_order == "pre"
+        self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, base, eng.param_dtype)
+        self.attn = Attention(cfg, make, impl=eng.attn_impl)
+        self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, base, eng.param_dtype)
+        self.mlp = MLP(cfg, make)
+
+    def __call__(
+        self, x: Array, positions: Array, mask: Array, freqs: np.ndarray | None, key: Array | None
+    ) -> Array:
+        keys = module_keys(key)
+        if self.pre:
+            x = x + self.attn(self.attn_norm(x), positions, mask, freqs, keys["attn"])
+            return x + self.mlp(self.mlp_norm(x), keys["mlp"])
+        x = self.attn_norm(x + self.attn(x, positions, mask, freqs, keys["attn"]))
+        return self.mlp_norm(x + self.mlp(x, keys["mlp"]))
+
+
+_MODULE_IDS = {
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj", "c_fc", "c_proj"),
+}
+
+
+def module_keys(layer_key: Array | None) -> dict[str, dict[str, Array]]:
+    """The dropout key of every projection of a layer: ``fold_in(layer_key, id)``, with ids
+    fixed by ``_MODULE_IDS`` (attn 0..5, mlp 100..104). Empty without a key."""
+    if layer_key is None:
+        return {"attn": {}, "mlp": {}}
+    return {
+        group: {name: jax.random.fold_in(layer_key, 100 * g + j) for j, name in enumerate(names)}
+        for g, (group, names) in enumerate(_MODULE_IDS.items())
+    }
+
+
+class Table(nnx.Module):
+    """An embedding table ``[rows, D]`` (token or learned-position embeddings)."""
+
+    def __init__(self, rows: int, d: int, axes: tuple[str, str], base: type[nnx.Variable],
+                 param_dtype: Any, rngs: nnx.Rngs) -> None:  # fmt: skip
+        w = jax.random.normal(rngs.params(), (rows, d), jnp.float32) * 0.02
+        self.embedding = variable(base, w.astype(param_dtype), axes)
+
+
+class Model(nnx.Module):
+    """The decoder: ``Model(cfg, lora, eng, rngs=...)(ids) -> logits [B, T, V]``.
+
+    Args:
+      cfg: architecture (shared with the spec).
+      lora: adapter config, or None for full fine-tuning.
+      eng: dtypes, attention path, remat policy, NF4 settings.
+    """
+
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None = None,
+                 eng: EngineConfig | None = None, *, rngs: nnx.Rngs) -> None:  # fmt: skip
+        eng = EngineConfig() if eng is None else eng
+        base = nnx.Param if lora is None and not eng.quantize else Frozen
+        self.cfg, self.lora, self.eng = cfg, lora, eng
+        self.embed = Table(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), base,
+                           eng.param_dtype, rngs)  # fmt: skip
+        if cfg.position == "learned":
+            self.pos_embed = Table(cfg.max_seq_len, cfg.d_model, ("positions", "embed"), base,
+                                   eng.param_dtype, rngs)  # fmt: skip
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stack(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, lora, eng, rngs)
+
+        self.layers = stack(rngs)
+        for _, var in nnx.iter_graph(self.layers):  # flax skips empty axis names (NF4 offset)
+            if isinstance(var, nnx.Variable):
+                axes = var.get_metadata().get("out_sharding")
+                if axes is not None and len(axes) < var.value.ndim:
+                    var.set_metadata(out_sharding=("layers", *axes))
+        if cfg.norm_order == "pre":
+            self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, base, eng.param_dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = Dense(
+                cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), bias=False, base=base,
+                lora=None, quantized=False, param_dtype=eng.param_dtype, dtype=eng.dtype,
+                rngs=rngs,
+            )  # fmt: skip
+
+    def __call__(
+        self,
+        ids: Array,
+        *,
+        positions: Array | None = None,
+        attention_mask_2d: Array | None = None,
+        segment_ids: Array | None = None,
+        dropout_key: Array | None = None,
+    ) -> Array:
+        """Logits [B, T, V] (float32, or float64 in x64) for ids [B, T]; as ``model_forward``.
+
+        ``dropout_key`` turns LoRA dropout on: layer i uses ``split(dropout_key, L)[i]``,
+        each projection ``module_keys`` of that.
+        """
+        cfg, eng = self.cfg, self.eng
+        b, t = ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        mask = attention_mask(b, t, t, padding=attention_mask_2d, segment_ids=segment_ids)
+        x = embedding(ids, self.embed.embedding[...]).astype(eng.dtype)
+        if cfg.scale_embeddings:
+            x = x * jnp.asarray(cfg.d_model**0.5, eng.dtype)
+        if cfg.position == "sinusoidal":
+            x = sinusoidal(x, positions)
+        elif cfg.position == "learned":
+            x = learned(x, positions, self.pos_embed.embedding[...].astype(eng.dtype))
+        freqs = inv_freq(cfg)
+        keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_layers)
+
+        # Scan over the stacked blocks: one block's program, traced and compiled once.
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(x: Array, xs: tuple[Any, Array | None]) -> tuple[Array, None]:
+            layer_state, key = xs
+            return nnx.merge(graphdef, layer_state)(x, positions, mask, freqs, key), None
+
+        if eng.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[eng.remat])
+        x, _ = jax.lax.scan(body, x, (stacked, keys))
+        if cfg.norm_order == "pre":
+            x = self.final_norm(x)
+        # Logits stay in acc_dtype: they can be large, and a bf16 logit of 10 is off by up to
+        # 0.03, which moves its softmax probability by 3%.
+        head = self.embed.embedding[...].T if cfg.tie_embeddings else self.lm_head.weight()
+        return jnp.einsum("BTD,DV->BTV", x, head.astype(eng.dtype),
+                          preferred_element_type=acc_dtype(eng.dtype))  # fmt: skip
+
+
+def causal_lm_loss(logits: Array, labels: Array) -> Array:
+    """Next-token cross-entropy, mean over counted tokens (as the spec's ``causal_lm_loss``)."""
+    loss, _ = cross_entropy(logits[:, :-1], labels[:, 1:])
+    return loss
+
+
+# --- the one mapping between the spec's param dict and the NNX state ------------------
+
+
+def _spec_leaf(params: Any, path: tuple[Any, ...]) -> Any:
+    node = params
+    for key in path:
+        node = getattr(node, str(key)) if isinstance(node, NF4Tensor) else node[key]
+    return node
+
+
+def from_spec(
+    params: dict[str, Any], cfg: ModelConfig, lora: LoraConfig | None = None,
+    eng: EngineConfig | None = None,
+) -> Model:  # fmt: skip
+    """An engine model holding exactly the spec's parameters (adapters and NF4 included).
+
+    Every variable of the model must be found in ``params`` with the same shape; layer
+    leaves are stacked along the leading ``layers`` axis.
+    """
+    abstract = nnx.eval_shape(lambda: Model(cfg, lora, eng, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        stacked = path[0] == "layers"
+        want = tuple(var.value.shape)[1:] if stacked else tuple(var.value.shape)
+        rows = [_spec_leaf(layer, path[1:]) for layer in params["layers"]] if stacked else []
+        for i, row in enumerate(rows if stacked else [_spec_leaf(params, path)]):
+            if np.shape(row) != want:
+                name = ".".join(map(str, ("layers", i, *path[1:]) if stacked else path))
+                raise ValueError(f"{name}: expected shape {list(want)}, got {list(np.shape(row))}")
+        value = np.stack([np.asarray(r) for r in rows]) if stacked else _spec_leaf(params, path)
+        flat.append((path, var.replace(jnp.asarray(value, var.value.dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def to_spec(model: Model) -> dict[str, Any]:
+    """The spec's param dict (NumPy) of an engine model; NF4 kernels become ``NF4Tensor``."""
+    params: dict[str, Any] = {"layers": [{} for _ in range(model.cfg.n_layers)]}
+    nf4: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        stacked = path[0] == "layers"
+        rows = list(np.asarray(var.value)) if stacked else [np.asarray(var.value)]
+        trees = params["layers"] if stacked else [params]
+        rel = path[1:] if stacked else path
+        for i, (row, tree) in enumerate(zip(rows, trees, strict=True)):
+            if isinstance(var, NF4State):  # one field of an NF4 kernel: gathered below
+                nf4.setdefault((path[:-1], i), {})[str(path[-1])] = row
+                continue
+            node = tree
+            for key in rel[:-1]:
+                node = node.setdefault(key, {})
+            node[rel[-1]] = row
+    for (kernel_path, i), fields in nf4.items():
+        module: Any = model
+        for key in kernel_path:
+            module = getattr(module, str(key))
+        stacked = kernel_path[0] == "layers"
+        node = params["layers"][i] if stacked else params
+        rel = kernel_path[1:] if stacked else kernel_path
+        for key in rel[:-1]:
+            node = node.setdefault(key, {})
+        node[rel[-1]] = module.spec_tensor(fields)
+    return params
