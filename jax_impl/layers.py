@@ -54,7 +54,7 @@ def proj_axes(group: str, name: str) -> tuple[str, str]:
 
     The full vocabulary: ``layers`` (stacked blocks), ``vocab``, ``embed``, ``q_heads``,
     ``kv_heads``, ``qkv_heads``, ``mlp``, ``lora_rank``, ``positions``, ``nf4_bytes``,
-    ``nf4_blocks``. ``sharding.py`` maps them onto mesh axes.
+    ``nf4_blocks``. A device mesh is laid over them by mapping these names to mesh axes.
     """
     return _PROJ_AXES[(group, name)]
 
