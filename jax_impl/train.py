@@ -1,0 +1,188 @@
+"""The train step: one jitted function, AdamW (optax) over the trainable leaves only.
+
+The model is split once into ``graphdef`` (static structure), ``params`` (the
+``nnx.Param`` leaves: every base weight in full fine-tuning, the ``nnx.LoRAParam`` adapters
+otherwise) and ``rest`` (frozen base, NF4 state). Only ``params`` and the optimizer state
+go through the optimizer, and both are donated to the step, so their buffers are updated
+in place.
+
+The step is the spec's step (``ref_numpy.optim``)::
+
+    loss, grads = mean token loss over the whole batch and its gradient
+    grads, gnorm = clip_by_global_norm(grads, max_norm)
+    params = adamw(params, grads, lr = warmup_cosine(step))
+
+Gradient accumulation splits the batch into ``A`` micro-batches ``[A, B, T]`` and sums
+their token losses and gradients before dividing by the batch's token count, so it gives
+exactly the gradient of the whole batch (not a mean of micro-batch means).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from .layers import cross_entropy
+from .model import Model
+
+Array = jax.Array
+Batch = dict[str, Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with global-norm clipping and a linear-warmup + cosine schedule."""
+
+    lr: float = 2e-4  # peak learning rate
+    warmup_steps: int = 0  # linear warmup from 0 to lr
+    total_steps: int = 100  # the cosine reaches end_lr here
+    end_lr: float = 0.0  # learning rate after total_steps
+    b1: float = 0.9  # AdamW first-moment decay
+    b2: float = 0.999  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
+    weight_decay: float = 0.0  # decoupled weight decay
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; None: no clipping
+
+    def __post_init__(self) -> None:
+        if not self.total_steps > self.warmup_steps >= 0:
+            raise ValueError(
+                f"OptimConfig.warmup_steps: expected 0 <= warmup_steps < total_steps="
+                f"{self.total_steps}, got {self.warmup_steps}"
+            )
+        if not self.lr >= 0:
+            raise ValueError(f"OptimConfig.lr: expected >= 0, got {self.lr}")
+
+
+def schedule(cfg: OptimConfig) -> Callable[[Array], Array]:
+    """The spec's ``warmup_cosine``, evaluated at optax's step count.
+
+    optax keeps its count as int32, and its schedule at an int32 count is float32 even
+    under x64; casting the count to the widest int keeps float64 runs in float64.
+    """
+    inner = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.total_steps,
+        end_value=cfg.end_lr,
+    )
+    wide = jnp.int64 if jax.dtypes.canonicalize_dtype(jnp.int64) == jnp.int64 else jnp.int32
+    return lambda count: inner(jnp.asarray(count).astype(wide))
+
+
+def optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """``clip_by_global_norm`` then ``adamw`` with the schedule (as ``ref_numpy.optim``)."""
+    adamw = optax.adamw(
+        schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
+    if cfg.max_grad_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
+
+
+def token_loss_sum(
+    graphdef: Any, params: Any, rest: Any, batch: Batch, key: Array | None
+) -> tuple[Array, Array]:
+    """``(sum of token losses, counted tokens)`` of one batch ``[B, T]``."""
+    model = nnx.merge(graphdef, params, rest)
+    logits = model(
+        batch["input_ids"],
+        positions=batch.get("positions"),
+        attention_mask_2d=batch.get("attention_mask"),
+        segment_ids=batch.get("segment_ids"),
+        dropout_key=key,
+    )
+    loss, count = cross_entropy(logits[:, :-1], batch["labels"][:, 1:])
+    return loss * count, count
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Holds the split model and optimizer state and runs jitted steps.
+
+    ``step(batch)`` takes arrays ``[A, B, T]`` (A micro-batches of gradient accumulation;
+    A = 1 without it) with ``input_ids`` and ``labels`` and optionally ``attention_mask``,
+    ``positions`` and ``segment_ids``; it returns ``{"loss", "grad_norm", "lr", "tokens"}``.
+    """
+
+    graphdef: Any
+    params: Any
+    rest: Any
+    opt_state: Any
+    tx: optax.GradientTransformation
+    lr_at: Callable[[Array], Array]
+    dropout_seed: int = 0
+    step_count: int = 0
+
+    @classmethod
+    def create(cls, model: Model, cfg: OptimConfig, dropout_seed: int = 0) -> Trainer:
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
+        tx = optimizer(cfg)
+        return cls(graphdef, params, rest, tx.init(params), tx, schedule(cfg), dropout_seed)
+
+    def __post_init__(self) -> None:
+        self._step = jax.jit(self._step_impl, donate_argnums=(0, 1))
+
+    def _step_impl(
+        self, params: Any, opt_state: Any, rest: Any, batch: Batch, step: Array
+    ) -> tuple[Any, Any, dict[str, Array]]:
+        key = jax.random.fold_in(jax.random.key(self.dropout_seed), step)  # dropout per step
+
+        def micro(carry: tuple[Any, Array, Array], xs: tuple[Batch, Array]) -> tuple[Any, None]:
+            grads, total, count = carry
+            mb, i = xs
+            (s, n), g = _sum_and_grad(self.graphdef, params, rest, mb, key, i)
+            grads = jax.tree.map(jnp.add, grads, g)
+            return (grads, total + s, count + n.astype(count.dtype)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        n_micro = batch["input_ids"].shape[0]
+        init = (zeros, jnp.zeros((), _acc(params)), jnp.zeros((), jnp.int32))
+        (grads, total, count), _ = jax.lax.scan(micro, init, (batch, jnp.arange(n_micro)))
+        denom = jnp.maximum(count, 1).astype(total.dtype)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {
+            "loss": total / denom,
+            "grad_norm": optax.global_norm(grads),
+            "lr": self.lr_at(step),
+            "tokens": count,
+        }
+        return params, opt_state, metrics
+
+    def step(self, batch: Batch) -> dict[str, Array]:
+        """One optimizer step on ``batch`` (arrays ``[A, B, T]``)."""
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        self.params, self.opt_state, metrics = self._step(
+            self.params, self.opt_state, self.rest, batch, jnp.asarray(self.step_count)
+        )
+        self.step_count += 1
+        return metrics
+
+    def model(self) -> Model:
+        """The model with the current parameters."""
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+def _acc(params: Any) -> Any:
+    leaves = jax.tree.leaves(params)
+    return jnp.promote_types(leaves[0].dtype, jnp.float32) if leaves else jnp.float32
+
+
+def _sum_and_grad(
+    graphdef: Any, params: Any, rest: Any, batch: Batch, key: Array, i: Array
+) -> tuple[tuple[Array, Array], Any]:
+    """``((token loss sum, count), d sum / d params)`` of one micro-batch."""
+
+    def f(p: Any) -> tuple[Array, Array]:
+        return token_loss_sum(graphdef, p, rest, batch, jax.random.fold_in(key, i))
+
+    (s, n), g = jax.value_and_grad(f, has_aux=True)(params)
+    return (s, n), g

@@ -1,0 +1,119 @@
+"""Training steps of the engine equal the spec's forward + backward + clip + AdamW."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_impl.model import to_spec
+from jax_impl.train import OptimConfig, Trainer
+from ref_numpy.model import loss_and_grads
+from ref_numpy.optim import adamw_init, adamw_update, clip_by_global_norm, warmup_cosine
+from tests.test_model import V, leaves
+from tests.test_parity import engine, make_case
+
+A, B, T = 2, 3, 7  # micro-batches, rows per micro-batch, positions
+
+
+def sub_tree(full: Any, like: Any) -> Any:
+    """The part of ``full`` with the structure of ``like`` (a sparse gradient tree)."""
+    if isinstance(like, dict):
+        return {k: sub_tree(full[k], v) for k, v in like.items()}
+    if isinstance(like, list):
+        return [sub_tree(f, v) for f, v in zip(full, like, strict=True)]
+    return full
+
+
+def put_tree(full: Any, part: Any) -> None:
+    """Write the leaves of ``part`` into ``full`` in place."""
+    for k, v in part.items() if isinstance(part, dict) else enumerate(part):
+        if isinstance(v, (dict, list)):
+            put_tree(full[k], v)
+        else:
+            full[k] = v
+
+
+def batches(rng: np.random.Generator, n: int) -> list[dict[str, np.ndarray]]:
+    out = []
+    for _ in range(n):
+        ids = rng.integers(0, V, size=(A, B, T))
+        labels = ids.copy()
+        labels[:, 0, :3] = -100  # prompts that take no loss
+        mask = np.ones_like(ids)
+        mask[1, 2, 5:] = 0  # padding in one micro-batch
+        labels[1, 2, 5:] = -100
+        out.append({"input_ids": ids, "labels": labels, "attention_mask": mask})
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_steps_equal_the_spec(method: str) -> None:
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(21)
+        params, cfg, lcfg = make_case("llama-gqa-rope3", method, rng, spread=0.3)
+        opt = OptimConfig(lr=3e-2, warmup_steps=1, total_steps=4, weight_decay=0.1,
+                          max_grad_norm=0.5)  # fmt: skip
+        trainer = Trainer.create(engine(params, cfg, lcfg, jnp.float64, method), opt)
+        scale = 0.0 if lcfg is None else lcfg.scale
+        data = batches(rng, 3)
+        state = None
+        for step, batch in enumerate(data):
+            metrics = trainer.step(batch)
+            whole = {k: v.reshape(A * B, T) for k, v in batch.items()}  # one big batch
+            loss, grads = loss_and_grads(params, cfg, whole["input_ids"], whole["labels"],
+                                         attention_mask_2d=whole["attention_mask"],
+                                         lora_scale=scale)  # fmt: skip
+            assert float(metrics["loss"]) == pytest.approx(loss, rel=1e-10)
+            grads, norm = clip_by_global_norm(grads, opt.max_grad_norm)
+            assert float(metrics["grad_norm"]) == pytest.approx(norm, rel=1e-10)
+            trainable = sub_tree(params, grads)
+            state = adamw_init(trainable) if state is None else state
+            lr = warmup_cosine(step, opt.lr, opt.warmup_steps, opt.total_steps)
+            assert float(metrics["lr"]) == pytest.approx(lr, rel=1e-12, abs=1e-15)
+            trainable, state = adamw_update(grads, state, trainable, lr,
+                                            weight_decay=opt.weight_decay)  # fmt: skip
+            put_tree(params, trainable)
+        got = dict(leaves(to_spec(trainer.model())))
+        moved = 0
+        for path, want in leaves(params):
+            if isinstance(want, np.ndarray):
+                err = np.linalg.norm(got[path] - want) / max(np.linalg.norm(want), 1e-300)
+                assert err <= 1e-9, (path, err)
+                moved += path.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "kernel")
+        assert moved > 0
+
+
+def test_accumulation_equals_one_big_batch() -> None:
+    rng = np.random.default_rng(22)
+    params, cfg, lcfg = make_case("gpt2", "lora", rng, spread=0.3)
+    batch = batches(rng, 1)[0]
+    opt = OptimConfig(lr=1e-2, total_steps=2, max_grad_norm=None)
+    split = Trainer.create(engine(params, cfg, lcfg, jnp.float32, "lora"), opt)
+    whole = Trainer.create(engine(params, cfg, lcfg, jnp.float32, "lora"), opt)
+    m1 = split.step(batch)
+    m2 = whole.step({k: v.reshape(1, A * B, T) for k, v in batch.items()})
+    assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-6)
+    assert int(m1["tokens"]) == int(m2["tokens"]) == int((batch["labels"][..., 1:] != -100).sum())
+    a, b = to_spec(split.model()), to_spec(whole.model())
+    for (pa, x), (_, y) in zip(leaves(a), leaves(b), strict=True):
+        if isinstance(x, np.ndarray):
+            np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-7, err_msg=pa)
+
+
+def test_frozen_base_does_not_move_and_loss_falls() -> None:
+    rng = np.random.default_rng(23)
+    params, cfg, lcfg = make_case("qwen2-tied", "lora", rng, spread=0.3)
+    trainer = Trainer.create(engine(params, cfg, lcfg, jnp.float32, "lora"),
+                             OptimConfig(lr=3e-2, total_steps=30))  # fmt: skip
+    batch = batches(rng, 1)[0]
+    losses = [float(trainer.step(batch)["loss"]) for _ in range(30)]
+    assert losses[-1] < 0.7 * losses[0], losses
+    after = dict(leaves(to_spec(trainer.model())))
+    for path, before in leaves(params):
+        if not path.endswith(("lora_A", "lora_B")):
+            np.testing.assert_array_equal(after[path], before.astype(np.float32), err_msg=path)
