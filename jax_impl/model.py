@@ -71,8 +71,10 @@ class EngineConfig:
     double_quant: bool = True  # quantize the NF4 absmax too
 
     def __post_init__(self) -> None:
-        for name, choices in (("attn_impl", ("einsum", "xla", "cudnn")),
-                              ("remat", ("none", "full", "dots"))):  # fmt: skip
+        for name, choices in (
+            ("attn_impl", ("einsum", "xla", "cudnn")),
+            ("remat", ("none", "full", "dots")),
+        ):
             if getattr(self, name) not in choices:
                 raise ValueError(
                     f"EngineConfig.{name}: expected one of {list(choices)}, "
@@ -94,8 +96,11 @@ def lora_targets(cfg: ModelConfig, lora: LoraConfig | None) -> frozenset[tuple[s
         for i in range(cfg.n_layers)
     ]
     for t in lora.targets:
-        if not any(matches_target(f"layers.{i}.{g}.{n}", (t,))
-                   for i in range(cfg.n_layers) for g, n in names):  # fmt: skip
+        if not any(
+            matches_target(f"layers.{i}.{g}.{n}", (t,))
+            for i in range(cfg.n_layers)
+            for g, n in names
+        ):
             raise ValueError(
                 f"LoraConfig.targets: {t!r} matches no module of this {cfg.family} model; "
                 f"available: {sorted({n for _, n in names})}"
@@ -131,18 +136,27 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """One decoder block, pre-LN or post-LN, as ``block_forward``."""
 
-    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, eng: EngineConfig,
-                 rngs: nnx.Rngs) -> None:  # fmt: skip
+    def __init__(
+        self, cfg: ModelConfig, lora: LoraConfig | None, eng: EngineConfig, rngs: nnx.Rngs
+    ) -> None:
         base = nnx.Param if lora is None and not eng.quantize else Frozen
         targets = lora_targets(cfg, lora)
 
         def make(group: str, name: str, d_in: int, d_out: int) -> Dense:
             return Dense(
-                d_in, d_out, axes=proj_axes(group, name), bias=has_bias(cfg, name), base=base,
-                lora=lora if (group, name) in targets else None, quantized=eng.quantize,
-                blocksize=eng.nf4_blocksize, double_quant=eng.double_quant,
-                param_dtype=eng.param_dtype, dtype=eng.dtype, rngs=rngs,
-            )  # fmt: skip
+                d_in,
+                d_out,
+                axes=proj_axes(group, name),
+                bias=has_bias(cfg, name),
+                base=base,
+                lora=lora if (group, name) in targets else None,
+                quantized=eng.quantize,
+                blocksize=eng.nf4_blocksize,
+                double_quant=eng.double_quant,
+                param_dtype=eng.param_dtype,
+                dtype=eng.dtype,
+                rngs=rngs,
+            )
 
         self.pre = cfg.norm_order == "pre"
         self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, base, eng.param_dtype)
@@ -181,8 +195,15 @@ def module_keys(layer_key: Array | None) -> dict[str, dict[str, Array]]:
 class Table(nnx.Module):
     """An embedding table ``[rows, D]`` (token or learned-position embeddings)."""
 
-    def __init__(self, rows: int, d: int, axes: tuple[str, str], base: type[nnx.Variable],
-                 param_dtype: Any, rngs: nnx.Rngs) -> None:  # fmt: skip
+    def __init__(
+        self,
+        rows: int,
+        d: int,
+        axes: tuple[str, str],
+        base: type[nnx.Variable],
+        param_dtype: Any,
+        rngs: nnx.Rngs,
+    ) -> None:
         w = jax.random.normal(rngs.params(), (rows, d), jnp.float32) * 0.02
         self.embedding = variable(base, w.astype(param_dtype), axes)
 
@@ -196,16 +217,24 @@ class Model(nnx.Module):
       eng: dtypes, attention path, remat policy, NF4 settings.
     """
 
-    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None = None,
-                 eng: EngineConfig | None = None, *, rngs: nnx.Rngs) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        lora: LoraConfig | None = None,
+        eng: EngineConfig | None = None,
+        *,
+        rngs: nnx.Rngs,
+    ) -> None:
         eng = EngineConfig() if eng is None else eng
         base = nnx.Param if lora is None and not eng.quantize else Frozen
         self.cfg, self.lora, self.eng = cfg, lora, eng
-        self.embed = Table(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), base,
-                           eng.param_dtype, rngs)  # fmt: skip
+        self.embed = Table(
+            cfg.vocab_size, cfg.d_model, ("vocab", "embed"), base, eng.param_dtype, rngs
+        )
         if cfg.position == "learned":
-            self.pos_embed = Table(cfg.max_seq_len, cfg.d_model, ("positions", "embed"), base,
-                                   eng.param_dtype, rngs)  # fmt: skip
+            self.pos_embed = Table(
+                cfg.max_seq_len, cfg.d_model, ("positions", "embed"), base, eng.param_dtype, rngs
+            )
 
         @nnx.split_rngs(splits=cfg.n_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -222,10 +251,17 @@ class Model(nnx.Module):
             self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, base, eng.param_dtype)
         if not cfg.tie_embeddings:
             self.lm_head = Dense(
-                cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), bias=False, base=base,
-                lora=None, quantized=False, param_dtype=eng.param_dtype, dtype=eng.dtype,
+                cfg.d_model,
+                cfg.vocab_size,
+                axes=("embed", "vocab"),
+                bias=False,
+                base=base,
+                lora=None,
+                quantized=False,
+                param_dtype=eng.param_dtype,
+                dtype=eng.dtype,
                 rngs=rngs,
-            )  # fmt: skip
+            )
 
     def __call__(
         self,
@@ -271,8 +307,9 @@ class Model(nnx.Module):
         # Logits stay in acc_dtype: they can be large, and a bf16 logit of 10 is off by up to
         # 0.03, which moves its softmax probability by 3%.
         head = self.embed.embedding[...].T if cfg.tie_embeddings else self.lm_head.weight()
-        return jnp.einsum("BTD,DV->BTV", x, head.astype(eng.dtype),
-                          preferred_element_type=acc_dtype(eng.dtype))  # fmt: skip
+        return jnp.einsum(
+            "BTD,DV->BTV", x, head.astype(eng.dtype), preferred_element_type=acc_dtype(eng.dtype)
+        )
 
 
 def causal_lm_loss(logits: Array, labels: Array) -> Array:
@@ -292,9 +329,11 @@ def _spec_leaf(params: Any, path: tuple[Any, ...]) -> Any:
 
 
 def from_spec(
-    params: dict[str, Any], cfg: ModelConfig, lora: LoraConfig | None = None,
+    params: dict[str, Any],
+    cfg: ModelConfig,
+    lora: LoraConfig | None = None,
     eng: EngineConfig | None = None,
-) -> Model:  # fmt: skip
+) -> Model:
     """An engine model holding exactly the spec's parameters (adapters and NF4 included).
 
     Every variable of the model must be found in ``params`` with the same shape; layer

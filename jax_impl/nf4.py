@@ -148,8 +148,9 @@ def quantize_nf4(w: Array, blocksize: int = 64, double_quant: bool = True) -> di
     if double_quant:
         offset = mean_f64_rounded(absmax)
         codes, nested = _quantize_blockwise(absmax - offset, DYNAMIC_MAP, NESTED_BLOCKSIZE)
-        out.update(absmax=codes, nested_absmax=nested, nested_code=jnp.asarray(DYNAMIC_MAP),
-                   offset=offset)  # fmt: skip
+        out.update(
+            absmax=codes, nested_absmax=nested, nested_code=jnp.asarray(DYNAMIC_MAP), offset=offset
+        )
     return out
 
 
@@ -190,8 +191,9 @@ class NF4Kernel(nnx.Module):
     def __init__(self, state: dict[str, Array], shape: tuple[int, int], blocksize: int) -> None:
         self.shape, self.blocksize = shape, blocksize
         for name, value in state.items():
-            setattr(self, name, NF4State(value, sharding_names=_FIELD_AXES[name],
-                                         eager_sharding=False))  # fmt: skip
+            setattr(
+                self, name, NF4State(value, sharding_names=_FIELD_AXES[name], eager_sharding=False)
+            )
 
     @classmethod
     def from_kernel(

@@ -40,8 +40,9 @@ def test_attention_paths_with_packed_and_padded_rows(name: str, impl: str) -> No
         params, cfg, data["ids"], **{k: v for k, v in data.items() if k != "ids"}
     )
     model = from_spec(params, cfg, None, EngineConfig(attn_impl=impl))  # type: ignore[arg-type]
-    out = model(jnp.asarray(data["ids"]), **{k: jnp.asarray(v) for k, v in data.items()
-                                            if k != "ids"})  # fmt: skip
+    out = model(
+        jnp.asarray(data["ids"]), **{k: jnp.asarray(v) for k, v in data.items() if k != "ids"}
+    )
     assert np.isfinite(np.asarray(out)).all()
     assert rel_err(np.asarray(out), ref) <= RTOL["float32"]
 

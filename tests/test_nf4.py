@@ -41,11 +41,22 @@ F32 = np.float32
 THRESHOLDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / F32(2)  # float32 midpoints between NF4 codes
 # The same 15 thresholds as float literals in bnb's CUDA decision tree (dQuantizeNF4).
 CUDA_NF4_THRESHOLDS = [
-    -0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
-    -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
-    0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
-    0.5016634166240692, 0.6427869200706482, 0.8614784181118011,
-]  # fmt: skip
+    -0.8480964004993439,
+    -0.6106329262256622,
+    -0.4599952697753906,
+    -0.33967943489551544,
+    -0.23460740596055984,
+    -0.13791173323988914,
+    -0.045525018125772476,
+    0.03979014977812767,
+    0.1202552504837513,
+    0.2035212516784668,
+    0.2920137718319893,
+    0.3893125355243683,
+    0.5016634166240692,
+    0.6427869200706482,
+    0.8614784181118011,
+]
 # sha256 of the float32 bytes of bnb 0.50.2's create_dynamic_map(signed) (torch 2.13, CPU); the
 # interop test compares the arrays themselves, this pins them where torch is absent.
 DYNAMIC_MAP_SHA256 = {
@@ -305,8 +316,9 @@ def test_double_quant_state(rng):
     # Dequantized absmax: code * nested_absmax + offset, within half a map gap of the truth.
     a = dequantize_absmax(q)
     assert a.dtype == np.float32
-    np.testing.assert_array_equal(a, DYNAMIC_MAP[q.absmax] * q.nested_absmax[np.arange(301) // 256]
-                                  + q.offset)  # fmt: skip
+    np.testing.assert_array_equal(
+        a, DYNAMIC_MAP[q.absmax] * q.nested_absmax[np.arange(301) // 256] + q.offset
+    )
     assert np.all(np.abs(a - plain.absmax) <= s * (HALF_GAP_8BIT + 1e-6))
     np.testing.assert_array_equal(q.absmax_f32, a)
 

@@ -43,8 +43,9 @@ class TestAgainstSpec(chex.TestCase):
                     want = S.quantize_nf4(w, blocksize, double)
                     with self.subTest(shape=shape, blocksize=blocksize, double=double):
                         assert_same_state(got, want)
-                        deq = self.variant(lambda s, bs=blocksize, sh=shape: J.dequantize_nf4(
-                            s, sh, bs))(got)  # fmt: skip
+                        deq = self.variant(
+                            lambda s, bs=blocksize, sh=shape: J.dequantize_nf4(s, sh, bs)
+                        )(got)
                         np.testing.assert_array_equal(np.asarray(deq), S.dequantize_nf4(want))
 
 

@@ -67,15 +67,26 @@ def make_case(
 def round_floats(params: dict, dtype: Any) -> dict:
     """The params rounded to ``dtype`` and back to float64 (NF4 tensors untouched)."""
     return jax.tree.map(
-        lambda a: a if isinstance(a, NF4Tensor) else np.asarray(
-            jnp.asarray(a, jnp.float32).astype(dtype).astype(jnp.float32), np.float64),
+        lambda a: (
+            a
+            if isinstance(a, NF4Tensor)
+            else np.asarray(
+                jnp.asarray(a, jnp.float32).astype(dtype).astype(jnp.float32), np.float64
+            )
+        ),
         params,
         is_leaf=lambda a: isinstance(a, NF4Tensor),
-    )  # fmt: skip
+    )
 
 
-def engine(params: dict, cfg: ModelConfig, lcfg: LoraConfig | None, dtype: Any, method: str,
-           compute: Any = None) -> Model:  # fmt: skip
+def engine(
+    params: dict,
+    cfg: ModelConfig,
+    lcfg: LoraConfig | None,
+    dtype: Any,
+    method: str,
+    compute: Any = None,
+) -> Model:
     eng = EngineConfig(param_dtype=dtype, dtype=compute or dtype, quantize=method == "qlora")
     return from_spec(params, cfg, lcfg, eng)
 
@@ -188,8 +199,7 @@ def test_bfloat16_compute(name: str, method: str) -> None:
     data = batch(rng)
     scale = 0.0 if lcfg is None else lcfg.scale
     ref, _ = model_forward(params, cfg, data["ids"], lora_scale=scale)
-    ref_loss, ref_grads = loss_and_grads(params, cfg, data["ids"], data["labels"],
-                                         lora_scale=scale)  # fmt: skip
+    ref_loss, ref_grads = loss_and_grads(params, cfg, data["ids"], data["labels"], lora_scale=scale)
     model = engine(params, cfg, lcfg, jnp.float32, method, compute=jnp.bfloat16)
     logits = model(jnp.asarray(data["ids"]))
     assert logits.dtype == jnp.float32

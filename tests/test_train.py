@@ -56,8 +56,9 @@ def test_steps_equal_the_spec(method: str) -> None:
     with jax.enable_x64(True):
         rng = np.random.default_rng(21)
         params, cfg, lcfg = make_case("llama-gqa-rope3", method, rng, spread=0.3)
-        opt = OptimConfig(lr=3e-2, warmup_steps=1, total_steps=4, weight_decay=0.1,
-                          max_grad_norm=0.5)  # fmt: skip
+        opt = OptimConfig(
+            lr=3e-2, warmup_steps=1, total_steps=4, weight_decay=0.1, max_grad_norm=0.5
+        )
         trainer = Trainer.create(engine(params, cfg, lcfg, jnp.float64, method), opt)
         scale = 0.0 if lcfg is None else lcfg.scale
         data = batches(rng, 3)
@@ -65,9 +66,14 @@ def test_steps_equal_the_spec(method: str) -> None:
         for step, batch in enumerate(data):
             metrics = trainer.step(batch)
             whole = {k: v.reshape(A * B, T) for k, v in batch.items()}  # one big batch
-            loss, grads = loss_and_grads(params, cfg, whole["input_ids"], whole["labels"],
-                                         attention_mask_2d=whole["attention_mask"],
-                                         lora_scale=scale)  # fmt: skip
+            loss, grads = loss_and_grads(
+                params,
+                cfg,
+                whole["input_ids"],
+                whole["labels"],
+                attention_mask_2d=whole["attention_mask"],
+                lora_scale=scale,
+            )
             assert float(metrics["loss"]) == pytest.approx(loss, rel=1e-10)
             grads, norm = clip_by_global_norm(grads, opt.max_grad_norm)
             assert float(metrics["grad_norm"]) == pytest.approx(norm, rel=1e-10)
@@ -75,8 +81,9 @@ def test_steps_equal_the_spec(method: str) -> None:
             state = adamw_init(trainable) if state is None else state
             lr = warmup_cosine(step, opt.lr, opt.warmup_steps, opt.total_steps)
             assert float(metrics["lr"]) == pytest.approx(lr, rel=1e-12, abs=1e-15)
-            trainable, state = adamw_update(grads, state, trainable, lr,
-                                            weight_decay=opt.weight_decay)  # fmt: skip
+            trainable, state = adamw_update(
+                grads, state, trainable, lr, weight_decay=opt.weight_decay
+            )
             put_tree(params, trainable)
         got = dict(leaves(to_spec(trainer.model())))
         moved = 0
@@ -108,8 +115,9 @@ def test_accumulation_equals_one_big_batch() -> None:
 def test_frozen_base_does_not_move_and_loss_falls() -> None:
     rng = np.random.default_rng(23)
     params, cfg, lcfg = make_case("qwen2-tied", "lora", rng, spread=0.3)
-    trainer = Trainer.create(engine(params, cfg, lcfg, jnp.float32, "lora"),
-                             OptimConfig(lr=3e-2, total_steps=30))  # fmt: skip
+    trainer = Trainer.create(
+        engine(params, cfg, lcfg, jnp.float32, "lora"), OptimConfig(lr=3e-2, total_steps=30)
+    )
     batch = batches(rng, 1)[0]
     losses = [float(trainer.step(batch)["loss"]) for _ in range(30)]
     assert losses[-1] < 0.7 * losses[0], losses
