@@ -1,11 +1,18 @@
-"""The ``qlora-spec`` command line."""
+"""The ``qlora-spec`` command line.
+
+Every command that writes a directory writes it atomically: a temporary directory beside
+``--out`` becomes ``--out`` only when everything is written, and an existing ``--out`` is
+replaced only with ``--overwrite``. Errors in the input end the command with status 2 and
+one line that names the file, tensor or field.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
-from ref_numpy.nf4 import nf4_bits_per_param
+from ref_numpy.nf4 import BLOCKSIZES, nf4_bits_per_param
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,11 +24,29 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    merge = sub.add_parser(
+        "merge", help="fold a PEFT LoRA adapter into its base and write a Hugging Face model"
+    )
+    merge.add_argument("--model", required=True, help="base model directory (Hugging Face)")
+    merge.add_argument("--adapter", required=True, help="PEFT adapter directory")
+    merge.add_argument("--out", required=True, help="output directory")
+    merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    quant = sub.add_parser(
+        "quantize", help="write an NF4 checkpoint in the transformers + bitsandbytes layout"
+    )
+    quant.add_argument("--model", required=True, help="model directory (Hugging Face)")
+    quant.add_argument("--out", required=True, help="output directory")
+    quant.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES)
+    quant.add_argument("--no-double-quant", action="store_true", help="keep the absmax in float32")
+    quant.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
     mem = sub.add_parser(
         "memory", help="bits per base parameter for 16-bit, NF4 and NF4 + double quantization"
     )
     mem.add_argument("--params", type=float, default=1.1e9, help="base parameter count")
-    mem.add_argument("--blocksize", type=int, default=64, help="NF4 block size")
+    mem.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES)
     return parser
 
 
@@ -40,10 +65,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "memory":
-        _memory(args.params, args.blocksize)
-        return 0
-    parser.print_help()
+    try:
+        if args.command == "merge":
+            from ref_numpy.peft_io import merge_adapter
+
+            out = merge_adapter(args.model, args.adapter, args.out, overwrite=args.overwrite)
+            print(f"wrote {out}")
+        elif args.command == "quantize":
+            from ref_numpy.bnb_io import quantize_model
+
+            out = quantize_model(
+                args.model,
+                args.out,
+                blocksize=args.blocksize,
+                double_quant=not args.no_double_quant,
+                overwrite=args.overwrite,
+            )
+            print(f"wrote {out}")
+        elif args.command == "memory":
+            _memory(args.params, args.blocksize)
+        else:
+            parser.print_help()
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"qlora-spec {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

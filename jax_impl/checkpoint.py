@@ -1,0 +1,135 @@
+"""Checkpoints into and out of the engine. The file formats belong to the spec
+(``ref_numpy.hf_io``, ``peft_io``, ``bnb_io``); this module only moves their param trees
+onto devices (``model.from_spec``) and back (``model.to_spec``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from ref_numpy import bnb_io, hf_io, peft_io
+from ref_numpy.config import LoraConfig, ModelConfig
+from ref_numpy.lora import add_lora, join_lora, split_lora
+from ref_numpy.nf4 import NF4Tensor
+
+from .model import EngineConfig, Model, from_spec, to_spec
+
+
+def load_pretrained(
+    model_dir: str | os.PathLike[str],
+    lora: LoraConfig | None = None,
+    eng: EngineConfig | None = None,
+    adapter_dir: str | os.PathLike[str] | None = None,
+) -> tuple[ModelConfig, Model]:
+    """An engine model from a Hugging Face directory, ready to train or run.
+
+    A float checkpoint is quantized to NF4 while it streams in when ``eng.quantize``; an
+    NF4 checkpoint (ours or one transformers + bitsandbytes saved) loads as it is, with
+    ``eng.quantize`` switched on. With ``lora``, fresh adapters (PEFT init) are added; with
+    ``adapter_dir``, a saved PEFT adapter is loaded instead (its config wins).
+    """
+    eng = EngineConfig() if eng is None else eng
+    if bnb_io.is_nf4_checkpoint(model_dir):
+        cfg, params = bnb_io.load_nf4_model(model_dir)
+        first = params["layers"][0]["mlp"]
+        kernel = next(iter(first.values()))["kernel"]
+        assert isinstance(kernel, NF4Tensor)
+        eng = dataclasses.replace(
+            eng, quantize=True, nf4_blocksize=kernel.blocksize, double_quant=kernel.double_quant
+        )
+    else:
+        cfg, params = hf_io.load_model(
+            model_dir,
+            quantize=(lambda path: True) if eng.quantize else None,
+            blocksize=eng.nf4_blocksize,
+            double_quant=eng.double_quant,
+        )
+    if adapter_dir is not None:
+        lora, adapters = peft_io.load_adapter(adapter_dir, cfg)
+        params = join_lora(params, adapters)
+    elif lora is not None:
+        params = add_lora(params, cfg, lora)
+    return cfg, from_spec(params, cfg, lora, eng)
+
+
+def save_adapter(
+    model: Model,
+    out_dir: str | os.PathLike[str],
+    base_model: str | os.PathLike[str],
+    overwrite: bool = False,
+) -> Path:
+    """Write the model's adapters in PEFT layout (``adapter_config.json`` and
+    ``adapter_model.safetensors``)."""
+    if model.lora is None:
+        raise ValueError("model: has no LoRA adapters to save")
+    params = to_spec(model)
+    _, adapters = split_lora(params)
+    if not adapters:
+        raise ValueError("model: has no LoRA adapters to save")
+    return peft_io.save_adapter(
+        params,
+        model.cfg,
+        model.lora,
+        out_dir,
+        base_model_name_or_path=str(base_model),
+        overwrite=overwrite,
+    )
+
+
+# --- training state: exact resume --------------------------------------------------------
+
+
+def _flat(tree: Any) -> dict[str, np.ndarray]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def save_train_state(
+    path: str | os.PathLike[str], params: Any, opt_state: Any, meta: dict[str, Any]
+) -> None:
+    """Write trainable params, optimizer state and ``meta`` (step, data position, seeds) to
+    ``path`` (a directory), atomically: a reader sees the old state or the new, never half."""
+    with hf_io.atomic_dir(path, overwrite=True) as tmp:
+        save_file(_flat(params), str(tmp / "params.safetensors"))
+        save_file(_flat(opt_state), str(tmp / "opt_state.safetensors"))
+        hf_io.write_json(tmp / "state.json", meta)
+
+
+def load_train_state(
+    path: str | os.PathLike[str], params_like: Any, opt_state_like: Any
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Read what ``save_train_state`` wrote into trees shaped like the given ones; every
+    leaf must be present with the same shape and dtype (the error names the leaf)."""
+    path = Path(path)
+
+    def restore(file: Path, like: Any) -> Any:
+        with safe_open(str(file), framework="numpy") as f:
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+        out = []
+        for key_path, leaf in leaves:
+            name = jax.tree_util.keystr(key_path)
+            if name not in stored:
+                raise ValueError(f"{file}: missing {name}")
+            value = stored[name]
+            if value.shape != np.shape(leaf) or value.dtype != np.asarray(leaf).dtype:
+                raise ValueError(
+                    f"{file}: {name} is {value.dtype}{list(value.shape)}, expected "
+                    f"{np.asarray(leaf).dtype}{list(np.shape(leaf))}"
+                )
+            out.append(jnp.asarray(value))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    meta = json.loads((path / "state.json").read_text())
+    params = restore(path / "params.safetensors", params_like)
+    opt_state = restore(path / "opt_state.safetensors", opt_state_like)
+    return params, opt_state, meta

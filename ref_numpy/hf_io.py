@@ -1,0 +1,516 @@
+"""Hugging Face checkpoints: ``config.json`` and safetensors weights, in and out.
+
+A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or the shards
+listed in ``model.safetensors.index.json``. Reading maps every tensor name onto the spec's
+param tree (``hf_tensors`` is the one table), transposing PyTorch's ``[out, in]`` linear
+weights to our ``[in, out]`` kernels (GPT-2's ``Conv1D`` already stores ``[in, out]``), and
+checks that each expected tensor is present with its shape and a float dtype, and that
+nothing is left over. Tensors are read one at a time from memory-mapped files, so a load
+never holds two copies of the model; a kernel can be quantized to NF4 as it arrives.
+
+Writing goes to a temporary directory beside the target, renamed into place at the end,
+so a failed write leaves nothing behind.
+
+Supported ``model_type``: ``llama``, ``mistral``, ``qwen2``, ``gpt2``, and ``qlora-spec``
+(the classic family, our own). Both the transformers-4 form of RoPE settings
+(``rope_theta``, ``rope_scaling``) and the transformers-5 form (``rope_parameters``) load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, so safetensors can read it)
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from .config import ModelConfig, RopeScaling
+from .model import attn_shapes, has_bias, mlp_shapes
+from .nf4 import NF4Tensor, quantize_kernel
+
+Params = dict[str, Any]
+CLASSIC_MODEL_TYPE = "qlora-spec"
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+# Buffers some checkpoints carry that are not parameters (recomputed from the config).
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as the config says; the message names the file."""
+
+
+# --- config.json ----------------------------------------------------------------------
+
+
+def _get(hf: dict[str, Any], key: str, where: str, default: Any = ...) -> Any:
+    if key in hf and hf[key] is not None:
+        return hf[key]
+    if default is ...:
+        raise CheckpointError(f"{where}: missing field {key!r}")
+    return default
+
+
+def _refuse(where: str, key: str, value: Any, why: str) -> None:
+    raise CheckpointError(f"{where}: unsupported {key}={value!r} ({why})")
+
+
+def _rope(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
+    """RoPE base and scaling from either the transformers-4 or the transformers-5 form."""
+    params = hf.get("rope_parameters") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or (params if "rope_type" in params else None)
+    if scaling is None:
+        return float(theta), None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return float(theta), None
+    if kind != "llama3":
+        _refuse(where, "rope_scaling.rope_type", kind, "only 'default' and 'llama3' exist here")
+    return float(theta), RopeScaling(
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+    )
+
+
+def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
+    """A ``ModelConfig`` from the fields of a Hugging Face ``config.json``.
+
+    Raises CheckpointError naming ``where`` and the field for a missing field, an unknown
+    ``model_type`` or an option this project does not implement.
+    """
+    kind = hf.get("model_type")
+    if kind in ("llama", "mistral", "qwen2"):
+        act = _get(hf, "hidden_act", where, "silu")
+        if act != "silu":
+            _refuse(where, "hidden_act", act, "the llama family uses SwiGLU with silu")
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                _refuse(where, flag, hf[flag], "biases on these layers are not implemented")
+        window = hf.get("sliding_window")
+        if window is not None and (kind == "mistral" or hf.get("use_sliding_window")):
+            _refuse(where, "sliding_window", window, "sliding-window attention is not implemented")
+        theta, scaling = _rope(hf, where)
+        n_heads = int(_get(hf, "num_attention_heads", where))
+        d_model = int(_get(hf, "hidden_size", where))
+        head_dim = hf.get("head_dim")  # canonical form: None when it is D // N
+        head_dim = None if head_dim in (None, d_model // n_heads) else int(head_dim)
+        return ModelConfig(
+            family="llama",
+            vocab_size=int(_get(hf, "vocab_size", where)),
+            d_model=d_model,
+            n_layers=int(_get(hf, "num_hidden_layers", where)),
+            n_heads=n_heads,
+            n_kv_heads=int(_get(hf, "num_key_value_heads", where, n_heads)),
+            head_dim=head_dim,
+            d_ff=int(_get(hf, "intermediate_size", where)),
+            max_seq_len=int(_get(hf, "max_position_embeddings", where)),
+            position="rope",
+            norm="rmsnorm",
+            norm_eps=float(_get(hf, "rms_norm_eps", where, 1e-6)),
+            activation="swiglu",
+            bias="qkv" if kind == "qwen2" else "none",
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+        )
+    if kind == "gpt2":
+        act = _get(hf, "activation_function", where, "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            _refuse(where, "activation_function", act, "GPT-2 here uses the tanh GELU")
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if hf.get(flag):
+                _refuse(where, flag, hf[flag], "not implemented")
+        d_model = int(_get(hf, "n_embd", where))
+        return ModelConfig(
+            family="gpt2",
+            vocab_size=int(_get(hf, "vocab_size", where)),
+            d_model=d_model,
+            n_layers=int(_get(hf, "n_layer", where)),
+            n_heads=int(_get(hf, "n_head", where)),
+            d_ff=int(_get(hf, "n_inner", where, 4 * d_model)),
+            max_seq_len=int(_get(hf, "n_positions", where)),
+            position="learned",
+            norm="layernorm",
+            norm_eps=float(_get(hf, "layer_norm_epsilon", where, 1e-5)),
+            activation="gelu_tanh",
+            bias="all",
+            tie_embeddings=True,
+        )
+    if kind == CLASSIC_MODEL_TYPE:
+        fields = {k: v for k, v in hf["qlora_spec"].items() if k != "rope_scaling"}
+        return ModelConfig(**fields)
+    raise CheckpointError(
+        f"{where}: unsupported model_type {kind!r}; expected one of "
+        f"['gpt2', 'llama', 'mistral', 'qwen2', '{CLASSIC_MODEL_TYPE}']"
+    )
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The ``config.json`` fields transformers reads for ``cfg`` (transformers-4 RoPE form,
+    which both transformers 4 and 5 accept)."""
+    if cfg.family == "gpt2":
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": cfg.vocab_size,
+            "n_embd": cfg.d_model,
+            "n_layer": cfg.n_layers,
+            "n_head": cfg.n_heads,
+            "n_inner": cfg.d_ff,
+            "n_positions": cfg.max_seq_len,
+            "layer_norm_epsilon": cfg.norm_eps,
+            "activation_function": "gelu_new",
+            "tie_word_embeddings": True,
+        }
+    if cfg.family == "llama":
+        out: dict[str, Any] = {
+            "model_type": "qwen2" if cfg.bias == "qkv" else "llama",
+            "architectures": ["Qwen2ForCausalLM" if cfg.bias == "qkv" else "LlamaForCausalLM"],
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_kv,
+            "head_dim": cfg.hd,
+            "intermediate_size": cfg.d_ff,
+            "max_position_embeddings": cfg.max_seq_len,
+            "rms_norm_eps": cfg.norm_eps,
+            "hidden_act": "silu",
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "rope_theta": cfg.rope_theta,
+        }
+        if cfg.rope_scaling is not None:
+            out["rope_scaling"] = {"rope_type": "llama3", **vars(cfg.rope_scaling)}
+        return out
+    fields = {k: v for k, v in vars(cfg).items() if k != "rope_scaling"}
+    return {"model_type": CLASSIC_MODEL_TYPE, "qlora_spec": fields}
+
+
+def load_config(model_dir: str | os.PathLike[str]) -> ModelConfig:
+    """``config_from_hf`` of ``model_dir/config.json``."""
+    path = Path(model_dir) / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file (is {model_dir} a model directory?)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    try:
+        return config_from_hf(hf, str(path))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+# --- tensor names ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HFTensor:
+    """One checkpoint tensor and where it lives in the spec's param tree."""
+
+    name: str  # name in the safetensors file, e.g. "model.layers.0.self_attn.q_proj.weight"
+    path: tuple[Any, ...]  # path in the param tree, e.g. ("layers", 0, "attn", "q_proj", "kernel")
+    shape: tuple[int, ...]  # shape in the file (PyTorch layout)
+    transpose: bool  # the file holds the transpose of our array ([out, in] vs [in, out])
+
+
+_LLAMA_MODULES = {"attn": "self_attn", "mlp": "mlp"}
+_NORMS = {
+    "gpt2": {"attn_norm": "ln_1", "mlp_norm": "ln_2"},
+    "llama": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+}
+
+
+def layer_prefix(cfg: ModelConfig, i: int) -> str:
+    """``model.layers.{i}`` or GPT-2's ``transformer.h.{i}``."""
+    return f"transformer.h.{i}" if cfg.family == "gpt2" else f"model.layers.{i}"
+
+
+def module_name(cfg: ModelConfig, path: str) -> str:
+    """The checkpoint name of a projection: ``layers.3.attn.q_proj`` ->
+    ``model.layers.3.self_attn.q_proj`` (``transformer.h.3.attn.c_attn`` for GPT-2). PEFT
+    adapters and bitsandbytes state are named after it."""
+    _, i, group, name = path.split(".")
+    if cfg.family == "gpt2":
+        return f"{layer_prefix(cfg, int(i))}.{group}.{name}"
+    return f"{layer_prefix(cfg, int(i))}.{_LLAMA_MODULES[group]}.{name}"
+
+
+def hf_tensors(cfg: ModelConfig) -> list[HFTensor]:
+    """Every tensor of a checkpoint of ``cfg``, in file order, with its place in our tree."""
+    d = cfg.d_model
+    gpt2 = cfg.family == "gpt2"
+    out: list[HFTensor] = []
+    top = "transformer" if gpt2 else "model"
+    out.append(
+        HFTensor(
+            f"{top}.{'wte' if gpt2 else 'embed_tokens'}.weight",
+            ("embed", "embedding"),
+            (cfg.vocab_size, d),
+            False,
+        )
+    )
+    if cfg.position == "learned":
+        out.append(
+            HFTensor(f"{top}.wpe.weight", ("pos_embed", "embedding"), (cfg.max_seq_len, d), False)
+        )
+    norms = _NORMS["gpt2" if gpt2 else "llama"]
+    for i in range(cfg.n_layers):
+        pre = layer_prefix(cfg, i)
+        for ours, theirs in norms.items():
+            for leaf in ("weight", "bias") if cfg.norm == "layernorm" else ("weight",):
+                out.append(
+                    HFTensor(f"{pre}.{theirs}.{leaf}", ("layers", i, ours, leaf), (d,), False)
+                )
+        for group, shapes in (("attn", attn_shapes(cfg)), ("mlp", mlp_shapes(cfg))):
+            for name, (d_in, d_out) in shapes.items():
+                mod = module_name(cfg, f"layers.{i}.{group}.{name}")
+                w_shape = (d_in, d_out) if gpt2 else (d_out, d_in)
+                out.append(
+                    HFTensor(
+                        f"{mod}.weight", ("layers", i, group, name, "kernel"), w_shape, not gpt2
+                    )
+                )
+                if has_bias(cfg, name):
+                    out.append(
+                        HFTensor(f"{mod}.bias", ("layers", i, group, name, "bias"), (d_out,), False)
+                    )
+    if cfg.norm_order == "pre":
+        final = "transformer.ln_f" if gpt2 else "model.norm"
+        for leaf in ("weight", "bias") if cfg.norm == "layernorm" else ("weight",):
+            out.append(HFTensor(f"{final}.{leaf}", ("final_norm", leaf), (d,), False))
+    if not cfg.tie_embeddings:
+        out.append(HFTensor("lm_head.weight", ("lm_head", "kernel"), (cfg.vocab_size, d), True))
+    return out
+
+
+# --- safetensors ----------------------------------------------------------------------
+
+
+def weight_files(model_dir: Path) -> dict[str, Path]:
+    """``{tensor name: file}`` for a single-file or sharded checkpoint."""
+    single = model_dir / "model.safetensors"
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        return {name: model_dir / file for name, file in weight_map.items()}
+    if single.exists():
+        with _open(single) as f:
+            return dict.fromkeys(f.keys(), single)
+    raise CheckpointError(
+        f"{model_dir}: no model.safetensors or model.safetensors.index.json "
+        "(PyTorch .bin checkpoints are not read: they unpickle)"
+    )
+
+
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[Any]:
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            yield f
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file (named by the checkpoint index)") from None
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def iter_tensors(files: dict[str, Path]) -> Iterator[tuple[str, np.ndarray]]:
+    """``(name, array)`` for every tensor, one file open at a time, each tensor read alone."""
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with _open(file) as f:
+            present = set(f.keys())
+            for name in names:
+                if name not in present:
+                    raise CheckpointError(f"{file}: tensor {name!r} listed in the index is absent")
+                try:
+                    yield name, f.get_tensor(name)
+                except (SafetensorError, OSError) as e:
+                    raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({e})") from None
+
+
+def set_leaf(tree: Params, path: tuple[Any, ...], value: Any) -> None:
+    """Put ``value`` at ``path`` of a param tree, creating dicts and layer lists on the way."""
+    node: Any = tree
+    for key, nxt in itertools.pairwise(path):
+        if isinstance(key, int):
+            node = node[key]
+        else:
+            node = node.setdefault(key, [] if isinstance(nxt, int) else {})
+            if isinstance(nxt, int):
+                while len(node) <= nxt:
+                    node.append({})
+    node[path[-1]] = value
+
+
+def load_model(
+    model_dir: str | os.PathLike[str],
+    dtype: Any = np.float32,
+    quantize: Callable[[tuple[Any, ...]], bool] | None = None,
+    blocksize: int = 64,
+    double_quant: bool = True,
+) -> tuple[ModelConfig, Params]:
+    """Read a checkpoint into the spec's param tree.
+
+    Args:
+      model_dir: a directory with config.json and safetensors weights.
+      dtype: NumPy dtype of the float arrays (float32 or float64).
+      quantize: ``quantize(path) -> bool`` picks projection kernels (paths
+        ``("layers", i, group, name, "kernel")``) to hold as NF4 as they are read (QLoRA);
+        embeddings and the head always stay float. None keeps all float.
+      blocksize, double_quant: NF4 settings.
+    Returns:
+      ``(cfg, params)``.
+    Raises:
+      CheckpointError: unsupported config, missing / extra / mis-shaped / non-float tensor,
+        unreadable file; the message names the file and tensor.
+    """
+    model_dir = Path(model_dir)
+    cfg = load_config(model_dir)
+    expected = {t.name: t for t in hf_tensors(cfg)}
+    files = weight_files(model_dir)
+    extra = sorted(n for n in files if n not in expected and not n.endswith(IGNORED_SUFFIXES))
+    if extra:
+        raise CheckpointError(f"{model_dir}: unexpected tensors {extra[:5]} for this config")
+    missing = sorted(n for n in expected if n not in files)
+    if missing:
+        raise CheckpointError(f"{model_dir}: missing tensors {missing[:5]}")
+    values: dict[str, Any] = {}
+    for name, array in iter_tensors({n: f for n, f in files.items() if n in expected}):
+        t = expected[name]
+        if tuple(array.shape) != t.shape:
+            raise CheckpointError(
+                f"{files[name]}: tensor {name!r} has shape {list(array.shape)}, "
+                f"expected {list(t.shape)}"
+            )
+        if array.dtype.name not in FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{files[name]}: tensor {name!r} has dtype {array.dtype}, expected a float"
+            )
+        value = array.T if t.transpose else array
+        projection = t.path[0] == "layers" and t.path[-1] == "kernel"
+        if quantize is not None and projection and quantize(t.path):
+            values[name] = quantize_kernel(value.astype(np.float32), blocksize, double_quant)
+        else:
+            values[name] = np.ascontiguousarray(value, dtype=dtype)
+        del array, value
+    params: Params = {}
+    for t in expected.values():  # the tree in the canonical order of hf_tensors
+        set_leaf(params, t.path, values.pop(t.name))
+    return cfg, params
+
+
+# --- writing --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """A temporary directory beside ``out_dir`` that becomes ``out_dir`` on success.
+
+    Raises FileExistsError if ``out_dir`` exists and ``overwrite`` is off. On an exception
+    the temporary directory is removed and ``out_dir`` is untouched.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: exists (pass overwrite / --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def get_leaf(params: Params, path: tuple[Any, ...]) -> Any:
+    """The value at ``path`` of a param tree."""
+    node: Any = params
+    for key in path:
+        node = node[key]
+    return node
+
+
+def hf_state(params: Params, cfg: ModelConfig, dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    """``{checkpoint name: array}`` in PyTorch layout. NF4 kernels must be merged first."""
+    out = {}
+    for t in hf_tensors(cfg):
+        value = get_leaf(params, t.path)
+        if isinstance(value, NF4Tensor):
+            raise ValueError(f"{t.name}: an NF4 kernel; dequantize or merge before saving")
+        out[t.name] = np.ascontiguousarray((value.T if t.transpose else value).astype(dtype))
+    return out
+
+
+def save_model(
+    params: Params,
+    cfg: ModelConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: Any = np.float32,
+    tokenizer_from: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (+ the tokenizer files of
+    ``tokenizer_from``) so transformers loads the model. Atomic: see ``atomic_dir``."""
+    with atomic_dir(out_dir, overwrite) as tmp:
+        state = hf_state(params, cfg, dtype)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        name = np.dtype(dtype).name  # "dtype" for transformers 5, "torch_dtype" for 4
+        write_json(tmp / "config.json", {**config_to_hf(cfg), "dtype": name, "torch_dtype": name})
+        if tokenizer_from is not None:
+            copy_tokenizer(Path(tokenizer_from), tmp)
+    return Path(out_dir)
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy whichever tokenizer files ``src`` has into ``dst``."""
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+
+
+def n_params(cfg: ModelConfig) -> int:
+    """Parameter count of the base model."""
+    return sum(math.prod(t.shape) for t in hf_tensors(cfg))

@@ -1,0 +1,208 @@
+"""PEFT adapter files against PEFT itself: ours load in PEFT, PEFT's load in ours, merges load
+in transformers, and all give the same float32 logits as the spec.
+
+Each base is a tiny random transformers model (Llama with GQA and untied head, Qwen2 with
+q/k/v biases and tied head, GPT-2 with Conv1D and tied head) with weights spread wider than
+transformers' default (std 0.3) so logits are far from uniform and an adapter's effect shows.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ref_numpy import hf_io
+from ref_numpy.config import LoraConfig
+from ref_numpy.lora import add_lora, join_lora, projections
+from ref_numpy.model import model_forward
+from ref_numpy.peft_io import load_adapter, merge_adapter, save_adapter
+from tests.helpers import HF_RTOL, rel_err
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.interop
+
+KINDS = ("llama", "qwen2", "gpt2")
+SPREAD = 0.3  # std of the random weights; transformers' default 0.02 gives near-uniform logits
+IDS = np.random.default_rng(7).integers(0, 53, (3, 7))  # [B,T], B=3, T=7, V=53
+
+
+def _hf_model(kind: str) -> Any:
+    """A tiny random transformers model of ``kind`` (float32, eval mode)."""
+    if kind == "gpt2":
+        config: Any = transformers.GPT2Config(
+            vocab_size=53, n_embd=15, n_layer=2, n_head=3, n_positions=16, n_inner=37
+        )
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        shape = dict(
+            vocab_size=53,
+            hidden_size=18,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            num_key_value_heads=1,  # GQA: G = 3 queries per kv head
+            intermediate_size=29,
+            max_position_embeddings=32,
+        )
+        if kind == "llama":
+            config = transformers.LlamaConfig(**shape, tie_word_embeddings=False)
+            model = transformers.LlamaForCausalLM(config)
+        else:
+            config = transformers.Qwen2Config(**shape, tie_word_embeddings=True)
+            model = transformers.Qwen2ForCausalLM(config)
+    gen = torch.Generator().manual_seed(KINDS.index(kind))
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied weights appear once
+            if p.ndim == 1 and name.endswith("weight"):  # norm gains around 1
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            else:  # matrices, embeddings and biases
+                p.copy_(SPREAD * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def base_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``{kind: checkpoint dir}`` written by transformers' save_pretrained."""
+    root = tmp_path_factory.mktemp("bases")
+    out = {}
+    for kind in KINDS:
+        out[kind] = root / kind
+        _hf_model(kind).save_pretrained(out[kind], safe_serialization=True)
+    return out
+
+
+def _logits(model: Any) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(IDS)).logits.float().numpy()  # [B,T,V]
+
+
+def _load_hf(model_dir: Path) -> Any:
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
+
+
+def _ours(params: dict[str, Any], cfg: Any, scale: float = 0.0) -> np.ndarray:
+    logits, _ = model_forward(params, cfg, IDS, lora_scale=scale)  # [B,T,V]
+    return logits
+
+
+# --- (1) an adapter written by save_adapter loads in PEFT -------------------------------
+
+LLAMA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+OUR_CASES = {
+    "llama": ("llama", LoraConfig(rank=3, alpha=7.0, targets=LLAMA_ALL)),
+    "qwen2-rslora": (
+        "qwen2",
+        LoraConfig(rank=2, alpha=5.5, targets=("q_proj", "v_proj", "down_proj"), use_rslora=True),
+    ),
+    "gpt2": ("gpt2", LoraConfig(rank=3, alpha=6.0, targets=("c_attn", "c_proj", "c_fc"))),
+    # c_proj of attn only: written as full module names, since "c_proj" would also pick mlp's.
+    "gpt2-attn-c_proj": (
+        "gpt2",
+        LoraConfig(rank=2, alpha=4.0, targets=(r"layers\.\d+\.attn\.c_proj",)),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUR_CASES))
+def test_our_adapter_in_peft(tmp_path: Path, base_dirs: dict[str, Path], case: str) -> None:
+    kind, lora = OUR_CASES[case]
+    cfg, base = hf_io.load_model(base_dirs[kind], dtype=np.float64)
+    rng = np.random.default_rng(11)
+    params = add_lora(base, cfg, lora, rng)
+    for _, p in projections(params):
+        if "lora_B" in p:
+            p["lora_B"] = rng.normal(0.0, SPREAD, p["lora_B"].shape)  # [R,O], non-zero
+    ad = save_adapter(
+        params, cfg, lora, tmp_path / "ad", base_model_name_or_path=str(base_dirs[kind])
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(_load_hf(base_dirs[kind]), ad).eval()
+    complaints = ("unexpected keys", "missing", "fan_in_fan_out")
+    assert not [str(w.message) for w in caught if any(c in str(w.message) for c in complaints)]
+    # PEFT wrapped exactly the adapted projections and loaded every tensor.
+    wrapped = {n for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    adapted = {hf_io.module_name(cfg, path) for path, p in projections(params) if "lora_A" in p}
+    assert {n.removeprefix("base_model.model.") for n in wrapped} == adapted
+    want = _logits(pm)
+    got = _ours(params, cfg, lora.scale)
+    assert rel_err(got, want) <= HF_RTOL
+    assert rel_err(_ours(base, cfg), want) > 100 * HF_RTOL  # the adapter matters
+    # A perturbation of one element of one lora_B is seen.
+    first = next(p for _, p in projections(params) if "lora_B" in p)
+    first["lora_B"][0, 0] += 0.5
+    assert rel_err(_ours(params, cfg, lora.scale), want) > HF_RTOL
+
+
+# --- (2)-(4) an adapter written by PEFT loads in ours; merged checkpoints load in transformers
+
+PEFT_CASES: dict[str, dict[str, Any]] = {
+    "llama": dict(r=3, lora_alpha=7, target_modules="all-linear"),
+    # A regex over whole module names, one layer only, and rsLoRA.
+    "qwen2": dict(
+        r=2,
+        lora_alpha=5,
+        target_modules=r"model\.layers\.1\.self_attn\.(q|v)_proj",
+        use_rslora=True,
+    ),
+    "gpt2": dict(
+        r=3, lora_alpha=6, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(PEFT_CASES))
+def peft_adapter(
+    request: pytest.FixtureRequest,
+    base_dirs: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[str, Path, np.ndarray]:
+    """``(kind, adapter dir, PEFT's float32 logits)`` for an adapter PEFT itself saved."""
+    kind = request.param
+    pconf = peft.LoraConfig(task_type="CAUSAL_LM", **PEFT_CASES[kind])
+    pm = peft.get_peft_model(_load_hf(base_dirs[kind]), pconf)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(SPREAD * torch.randn(p.shape, generator=gen))  # [O,R], non-zero
+    pm.eval()
+    ad = tmp_path_factory.mktemp(f"peft_{kind}") / "adapter"
+    pm.save_pretrained(ad, safe_serialization=True)
+    return kind, ad, _logits(pm)
+
+
+def test_peft_adapter_in_ours(
+    peft_adapter: tuple[str, Path, np.ndarray], base_dirs: dict[str, Path]
+) -> None:
+    kind, ad, want = peft_adapter
+    cfg, base = hf_io.load_model(base_dirs[kind], dtype=np.float64)
+    lora, adapters = load_adapter(ad, cfg, dtype=np.float64)
+    assert lora.rank == PEFT_CASES[kind]["r"]
+    assert lora.use_rslora == PEFT_CASES[kind].get("use_rslora", False)
+    params = join_lora(base, adapters)
+    got = _ours(params, cfg, lora.scale)
+    assert rel_err(got, want) <= HF_RTOL
+    assert rel_err(_ours(base, cfg), want) > 100 * HF_RTOL  # the adapter matters
+    # (4) a perturbation of one element of one lora_B is detected.
+    first = next(iter(adapters))
+    adapters[first]["lora_B"][0, 0] += 0.5
+    assert rel_err(_ours(join_lora(base, adapters), cfg, lora.scale), want) > HF_RTOL
+
+
+def test_merged_in_transformers(
+    tmp_path: Path, peft_adapter: tuple[str, Path, np.ndarray], base_dirs: dict[str, Path]
+) -> None:
+    kind, ad, want = peft_adapter
+    out = merge_adapter(base_dirs[kind], ad, tmp_path / "merged")
+    merged = _load_hf(out)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    got = _logits(merged)
+    assert rel_err(got, want) <= HF_RTOL
+    base_logits = _logits(_load_hf(base_dirs[kind]))
+    assert rel_err(base_logits, want) > 100 * HF_RTOL  # the merge really changed weights
