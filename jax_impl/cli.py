@@ -9,8 +9,11 @@ one line that names the file, tensor or field.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ref_numpy.nf4 import BLOCKSIZES, nf4_bits_per_param
 
@@ -42,12 +45,108 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--no-double-quant", action="store_true", help="keep the absmax in float32")
     quant.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
+    train = sub.add_parser("train", help="fine-tune a model on a JSONL file (full, LoRA, QLoRA)")
+    add_train_flags(train)
+
+    ev = sub.add_parser("eval", help="mean token loss and perplexity of a model on a JSONL file")
+    ev.add_argument("--model", required=True, help="model directory (Hugging Face)")
+    ev.add_argument("--adapter", help="PEFT adapter directory")
+    ev.add_argument("--data", required=True, help="JSONL file")
+    ev.add_argument(
+        "--method",
+        choices=("full", "lora", "qlora"),
+        default="lora",
+        help="qlora quantizes the base to NF4 as it loads",
+    )
+    ev.add_argument(
+        "--backend",
+        choices=("jax", "numpy"),
+        default="jax",
+        help="numpy runs the specification itself",
+    )
+    ev.add_argument("--max-length", type=int, default=512)
+    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--train-on-prompt", action="store_true")
+
     mem = sub.add_parser(
         "memory", help="bits per base parameter for 16-bit, NF4 and NF4 + double quantization"
     )
     mem.add_argument("--params", type=float, default=1.1e9, help="base parameter count")
     mem.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES)
     return parser
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per ``TrainConfig`` field (``max_length`` -> ``--max-length``), plus
+    ``--config FILE`` (TOML, YAML or JSON with the same keys; flags win)."""
+    from .train import TrainConfig
+
+    p.add_argument("--config", help="TOML / YAML / JSON file with the same keys as the flags")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        if kind == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif "tuple" in kind:
+            p.add_argument(flag, nargs="+", default=None, metavar="NAME")
+        else:
+            cast = int if kind.startswith("int") else float if kind == "float" else str
+            p.add_argument(flag, type=cast, default=None, help=f"default: {f.default!r}")
+
+
+def _read_config(path: str) -> dict:
+    import json
+    import pathlib
+
+    text = pathlib.Path(path).read_text()
+    if path.endswith(".toml"):
+        import tomllib
+
+        return tomllib.loads(text)
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        return dict(yaml.safe_load(text) or {})
+    return dict(json.loads(text))
+
+
+def train_config(args: argparse.Namespace) -> Any:
+    """The resolved ``TrainConfig``: defaults, then the --config file, then flags."""
+    from .train import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    if args.config:
+        for key, value in _read_config(args.config).items():
+            name = key.replace("-", "_")
+            if name not in names:
+                raise ValueError(f"{args.config}: unknown key {key!r}")
+            values[name] = value
+    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    for need in ("model", "data", "out"):
+        if need not in values:
+            raise ValueError(f"train: --{need} is required (as a flag or in --config)")
+    if "targets" in values:
+        values["targets"] = tuple(values["targets"])
+    return TrainConfig(**values)
+
+
+def _eval(args: argparse.Namespace) -> dict:
+    import math
+
+    from .evaluate import evaluate_file
+
+    loss, tokens = evaluate_file(
+        args.model,
+        args.data,
+        adapter=args.adapter,
+        method=args.method,
+        backend=args.backend,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        train_on_prompt=args.train_on_prompt,
+    )
+    return {"loss": loss, "tokens": tokens, "perplexity": math.exp(loss)}
 
 
 def _memory(n_params: float, blocksize: int) -> None:
@@ -82,6 +181,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overwrite=args.overwrite,
             )
             print(f"wrote {out}")
+        elif args.command == "train":
+            from .train import TrainingDiverged, run
+
+            try:
+                summary = run(train_config(args))
+            except TrainingDiverged as e:
+                print(f"qlora-spec train: {e}", file=sys.stderr)
+                return 3
+            print(json.dumps(summary))
+        elif args.command == "eval":
+            print(json.dumps(_eval(args)))
         elif args.command == "memory":
             _memory(args.params, args.blocksize)
         else:

@@ -20,16 +20,44 @@ exactly the gradient of the whole batch (not a mean of micro-batch means).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import math
+import shutil
+import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
+from ref_numpy import hf_io
+from ref_numpy.config import LoraConfig
+from ref_numpy.model import attn_shapes, mlp_shapes
+from ref_numpy.nf4 import nf4_bits_per_param
+
+from .checkpoint import load_pretrained, load_train_state, save_adapter, save_train_state
+from .data import (
+    DataError,
+    Row,
+    batches,
+    bucket_lengths,
+    encode,
+    fit,
+    load_chat_template,
+    load_dataset,
+    load_tokenizer,
+    num_batches,
+    pack,
+    unpacked_rows,
+)
 from .layers import cross_entropy
-from .model import Model
+from .model import EngineConfig, Model, Remat, to_spec
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -157,7 +185,7 @@ class Trainer:
         }
         return params, opt_state, metrics
 
-    def step(self, batch: Batch) -> dict[str, Array]:
+    def step(self, batch: dict[str, Any]) -> dict[str, Array]:
         """One optimizer step on ``batch`` (arrays ``[A, B, T]``)."""
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
         self.params, self.opt_state, metrics = self._step(
@@ -186,3 +214,281 @@ def _sum_and_grad(
 
     (s, n), g = jax.value_and_grad(f, has_aux=True)(params)
     return (s, n), g
+
+
+# --- a whole run: data in, adapter / weights, metrics and a loss curve out -----------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``qlora-spec train`` takes; field names are the flags (``--max-length``)."""
+
+    model: str  # Hugging Face model directory (float or NF4 checkpoint)
+    data: str  # JSONL file
+    out: str  # output directory, written only on success
+    method: Literal["full", "lora", "qlora"] = "qlora"  # what trains
+    rank: int = 8  # LoRA rank R
+    alpha: float = 16.0  # LoRA alpha
+    dropout: float = 0.05  # LoRA dropout on the adapter input
+    targets: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    rslora: bool = False  # scale by alpha / sqrt(R)
+    lr: float = 2e-4  # peak learning rate
+    warmup: int = 0  # warmup steps
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    max_grad_norm: float = 1.0  # global-norm clipping
+    batch_size: int = 4  # rows per micro-batch
+    grad_accum: int = 1  # micro-batches per step
+    max_length: int = 512  # tokens per row
+    packing: bool = True  # pack several examples into a row
+    steps: int | None = None  # optimizer steps (default: from epochs)
+    epochs: int = 1  # passes over the data when steps is not given
+    eval_split: float = 0.0  # fraction of examples held out for eval loss
+    eval_interval: int = 0  # steps between evals (0: only at the end)
+    seed: int = 0  # data order, adapter init and dropout
+    dtype: Literal["float32", "bfloat16", "float64"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16", "float64"] = "float32"  # storage dtype
+    remat: Remat = "none"  # rematerialisation policy per block
+    checkpoint_interval: int = 50  # steps between resumable checkpoints
+    train_on_prompt: bool = False  # prompt tokens count in the loss too
+    on_overflow: Literal["truncate", "error"] = "truncate"  # examples longer than max_length
+    resume: bool = False  # continue the interrupted run for the same --out
+    overwrite: bool = False  # replace an existing --out
+
+    def work_dir(self) -> Path:
+        """Where checkpoints of an unfinished run live (beside --out, never in it)."""
+        out = Path(self.out)
+        return out.parent / f".{out.name}.run"
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient; the last good checkpoint is kept."""
+
+
+def _lora_config(tc: TrainConfig) -> LoraConfig | None:
+    if tc.method == "full":
+        return None
+    return LoraConfig(
+        rank=tc.rank,
+        alpha=tc.alpha,
+        dropout=tc.dropout,
+        targets=tc.targets,
+        use_rslora=tc.rslora,
+        seed=tc.seed,
+    )
+
+
+def prepare_rows(tc: TrainConfig, vocab_size: int) -> tuple[list[Row], list[Row], Any, dict]:
+    """Train rows, eval rows, the tokenizer and data statistics, from the JSONL file."""
+    tok = load_tokenizer(tc.model, vocab_size=vocab_size)
+    ds = load_dataset(tc.data)
+    encoded = encode(
+        ds.examples,
+        ds.fmt,
+        tok,
+        load_chat_template(tc.model),
+        train_on_prompt=tc.train_on_prompt,
+        where=ds.where,
+    )
+    encoded, truncated = fit(encoded, tc.max_length, tc.on_overflow)
+    order = np.random.default_rng(tc.seed).permutation(len(encoded))
+    n_eval = round(tc.eval_split * len(encoded))
+    held = [encoded[i] for i in order[:n_eval]]
+    train = [encoded[i] for i in sorted(order[n_eval:])]
+    if not train:
+        raise DataError(f"{tc.data}: no training examples left after the eval split")
+    to_rows = (lambda e: pack(e, tc.max_length)) if tc.packing else unpacked_rows
+    stats = {
+        "format": ds.fmt,
+        "examples": len(encoded),
+        "truncated": truncated,
+        "eval_examples": n_eval,
+    }
+    return to_rows(train), (to_rows(held) if held else []), tok, stats
+
+
+def evaluate(
+    trainer: Trainer, rows: list[Row], tc: TrainConfig, buckets: list[int], pad_id: int | None
+) -> tuple[float, int]:
+    """Mean token loss and token count over ``rows`` (no dropout)."""
+    total, count = 0.0, 0
+    for batch in batches(rows, tc.batch_size, 1, buckets, seed=0, epoch=0, pad_id=pad_id):
+        s, n = _eval_step(
+            trainer.graphdef,
+            trainer.params,
+            trainer.rest,
+            {k: jnp.asarray(v[0]) for k, v in batch.items()},
+        )
+        total, count = total + float(s), count + int(n)
+    return total / max(count, 1), count
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_step(graphdef: Any, params: Any, rest: Any, batch: Batch) -> tuple[Array, Array]:
+    return token_loss_sum(graphdef, params, rest, batch, None)
+
+
+def run(tc: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Train, then write ``tc.out`` (adapter or weights, metrics.jsonl, loss.png,
+    train_config.json). Returns the summary. Raises TrainingDiverged on a non-finite loss."""
+    out, work = Path(tc.out), tc.work_dir()
+    if out.exists() and not tc.overwrite:
+        raise FileExistsError(f"{out}: exists (pass --overwrite to replace it)")
+    if work.exists() and not tc.resume:
+        if not tc.overwrite:
+            raise FileExistsError(
+                f"{work}: an unfinished run for {out} (pass --resume to continue it, "
+                "or --overwrite to start again)"
+            )
+        shutil.rmtree(work)
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+    eng = EngineConfig(
+        param_dtype=dtypes[tc.param_dtype],
+        dtype=dtypes[tc.dtype],
+        remat=tc.remat,
+        quantize=tc.method == "qlora",
+    )
+    cfg, model = load_pretrained(tc.model, _lora_config(tc), eng)
+    rows, held, tok, stats = prepare_rows(tc, cfg.vocab_size)
+    buckets = bucket_lengths(tc.max_length)
+    per_epoch = num_batches(len(rows), tc.batch_size, tc.grad_accum)
+    total = tc.steps if tc.steps is not None else tc.epochs * per_epoch
+    opt = OptimConfig(
+        lr=tc.lr,
+        warmup_steps=tc.warmup,
+        total_steps=max(total, tc.warmup + 1),
+        weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm,
+    )
+    trainer = Trainer.create(model, opt, dropout_seed=tc.seed)
+    work.mkdir(parents=True, exist_ok=True)
+    metrics_path = work / "metrics.jsonl"
+    if tc.resume and (work / "checkpoint").exists():
+        trainer.params, trainer.opt_state, meta = load_train_state(
+            work / "checkpoint", trainer.params, trainer.opt_state
+        )
+        trainer.step_count = int(meta["step"])
+        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+        kept = [x for x in lines if json.loads(x)["step"] <= trainer.step_count]
+        metrics_path.write_text("".join(x + "\n" for x in kept))
+    else:
+        metrics_path.write_text("")
+    hf_io.write_json(work / "train_config.json", dataclasses.asdict(tc))
+
+    bar = tqdm(total=total, initial=trainer.step_count, disable=not progress, unit="step")
+    t_start, tokens_done, last = time.perf_counter(), 0, {}
+    with metrics_path.open("a") as log:
+        while trainer.step_count < total:
+            epoch, start = divmod(trainer.step_count, per_epoch)
+            for batch in batches(
+                rows,
+                tc.batch_size,
+                tc.grad_accum,
+                buckets,
+                seed=tc.seed,
+                epoch=epoch,
+                start=start,
+                pad_id=tok.pad_id,
+            ):
+                m = {k: float(v) for k, v in trainer.step(batch).items()}
+                step = trainer.step_count
+                if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+                    raise TrainingDiverged(
+                        f"step {step}: non-finite loss or gradient (loss={m['loss']}, "
+                        f"grad_norm={m['grad_norm']}); last good checkpoint kept in {work}"
+                    )
+                tokens_done += int(m["tokens"])
+                m.update(step=step, tokens_per_s=tokens_done / (time.perf_counter() - t_start))
+                if held and tc.eval_interval and step % tc.eval_interval == 0:
+                    m["eval_loss"] = evaluate(trainer, held, tc, buckets, tok.pad_id)[0]
+                log.write(json.dumps(m) + "\n")
+                log.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                last = m
+                if step % tc.checkpoint_interval == 0 or step == total:
+                    save_train_state(
+                        work / "checkpoint", trainer.params, trainer.opt_state, {"step": step}
+                    )
+                if step >= total:
+                    break
+    bar.close()
+    summary = _summary(trainer, cfg, tc, stats, last)
+    if held:
+        summary["eval_loss"], summary["eval_tokens"] = evaluate(
+            trainer, held, tc, buckets, tok.pad_id
+        )
+    with hf_io.atomic_dir(out, tc.overwrite) as tmp:
+        final = trainer.model()
+        if tc.method == "full":
+            hf_io.save_model(to_spec(final), cfg, tmp / "model", tokenizer_from=tc.model)
+            for f in (tmp / "model").iterdir():
+                f.rename(tmp / f.name)
+            (tmp / "model").rmdir()
+        else:
+            save_adapter(final, tmp / "adapter", base_model=tc.model)
+            for f in (tmp / "adapter").iterdir():
+                f.rename(tmp / f.name)
+            (tmp / "adapter").rmdir()
+        shutil.copy2(metrics_path, tmp / "metrics.jsonl")
+        hf_io.write_json(tmp / "train_config.json", dataclasses.asdict(tc))
+        hf_io.write_json(tmp / "summary.json", summary)
+        plot_loss(tmp / "metrics.jsonl", tmp / "loss.png")
+    shutil.rmtree(work)
+    return summary
+
+
+def _summary(trainer: Trainer, cfg: Any, tc: TrainConfig, stats: dict, last: dict) -> dict:
+    trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.params))
+    base = hf_io.n_params(cfg)
+    proj = sum(int(np.prod(s)) for s in (*attn_shapes(cfg).values(), *mlp_shapes(cfg).values()))
+    proj *= cfg.n_layers
+    gib = 2.0**30
+    return {
+        **stats,
+        "steps": trainer.step_count,
+        "trainable_params": trainable,
+        "trainable_percent": 100.0 * trainable / base,
+        "base_params": base,
+        "base_weight_gib": {
+            "16-bit": base * 2 / gib,
+            "nf4": ((base - proj) * 16 + proj * nf4_bits_per_param(64, False)) / 8 / gib,
+            "nf4_double_quant": ((base - proj) * 16 + proj * nf4_bits_per_param()) / 8 / gib,
+        },
+        "peak_memory_bytes": _peak_memory(),
+        "final_train_loss": last.get("loss"),
+    }
+
+
+def _peak_memory() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def plot_loss(metrics: Path, png: Path) -> None:
+    """Train (and eval) loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
+    ev = [r for r in rows if "eval_loss" in r]
+    if ev:
+        ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean token loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)

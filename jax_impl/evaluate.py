@@ -1,0 +1,88 @@
+"""Mean token loss of a model (with or without an adapter) on a JSONL file, computed by the
+engine or by the specification itself, so the two can be compared on any model and data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ref_numpy import hf_io, peft_io
+from ref_numpy.lora import join_lora
+from ref_numpy.model import causal_lm_loss, model_forward
+
+from .checkpoint import load_pretrained
+from .data import batches as make_batches
+from .data import encode, fit, load_chat_template, load_dataset, load_tokenizer, unpacked_rows
+from .model import EngineConfig
+from .train import token_loss_sum
+
+
+def evaluate_file(
+    model_dir: str | Path,
+    data: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    method: Literal["full", "lora", "qlora"] = "lora",
+    backend: Literal["jax", "numpy"] = "jax",
+    max_length: int = 512,
+    batch_size: int = 4,
+    train_on_prompt: bool = False,
+) -> tuple[float, int]:
+    """``(mean loss over all counted tokens of the file, counted tokens)``.
+
+    Examples longer than ``max_length`` are truncated. ``method="qlora"`` quantizes the base
+    to NF4 as it loads (an NF4 checkpoint is always read as NF4).
+    """
+    cfg = hf_io.load_config(model_dir)
+    tok = load_tokenizer(model_dir, vocab_size=cfg.vocab_size)
+    ds = load_dataset(data)
+    encoded = encode(
+        ds.examples,
+        ds.fmt,
+        tok,
+        load_chat_template(model_dir),
+        train_on_prompt=train_on_prompt,
+        where=ds.where,
+    )
+    rows = unpacked_rows(fit(encoded, max_length)[0])
+    buckets = [max_length]
+    total, count = 0.0, 0
+    if backend == "jax":
+        eng = EngineConfig(quantize=method == "qlora")
+        _, model = load_pretrained(model_dir, None, eng, adapter_dir=adapter)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
+        step = jax.jit(lambda p, r, b: token_loss_sum(graphdef, p, r, b, None))
+        for batch in make_batches(rows, batch_size, 1, buckets, seed=0, epoch=0, pad_id=tok.pad_id):
+            s, n = step(params, rest, {k: jnp.asarray(v[0]) for k, v in batch.items()})
+            total, count = total + float(s), count + int(n)
+        return total / max(count, 1), count
+    from ref_numpy import bnb_io
+
+    if bnb_io.is_nf4_checkpoint(model_dir):
+        cfg, params = bnb_io.load_nf4_model(model_dir, dtype=np.float64)
+    else:
+        quantize = (lambda path: True) if method == "qlora" else None
+        cfg, params = hf_io.load_model(model_dir, dtype=np.float64, quantize=quantize)
+    scale = 0.0
+    if adapter is not None:
+        lora, adapters = peft_io.load_adapter(adapter, cfg, dtype=np.float64)
+        params, scale = join_lora(params, adapters), lora.scale
+    for batch in make_batches(rows, batch_size, 1, buckets, seed=0, epoch=0, pad_id=tok.pad_id):
+        b = {k: v[0] for k, v in batch.items()}
+        logits, _ = model_forward(
+            params,
+            cfg,
+            b["input_ids"],
+            positions=b["positions"],
+            attention_mask_2d=b["attention_mask"],
+            lora_scale=scale,
+        )
+        loss, _ = causal_lm_loss(logits, b["labels"])
+        n = int((b["labels"][:, 1:] != -100).sum())
+        total, count = total + loss * n, count + n
+    return total / max(count, 1), count
