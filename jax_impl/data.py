@@ -991,3 +991,31 @@ def batches(
             out["positions"][j, :n] = r.positions
             out["segment_ids"][j, :n] = r.segment_ids
         yield {k: v.reshape(grad_accum, batch_size, length) for k, v in out.items()}  # [A,B,L]
+
+
+def encode_file(
+    model_dir: str | Path,
+    data: str | Path,
+    vocab_size: int,
+    max_length: int,
+    *,
+    train_on_prompt: bool = False,
+    on_overflow: OnOverflow = "truncate",
+) -> tuple[list[Encoded], int, Tokenizer, Format]:
+    """A JSONL file tokenised for a model: ``(examples, n_truncated, tokenizer, format)``.
+
+    The model directory supplies the tokenizer and chat template; examples longer than
+    ``max_length`` are cut (or refused, with ``on_overflow="error"``).
+    """
+    tok = load_tokenizer(model_dir, vocab_size=vocab_size)
+    ds = load_dataset(data)
+    encoded = encode(
+        ds.examples,
+        ds.fmt,
+        tok,
+        load_chat_template(model_dir),
+        train_on_prompt=train_on_prompt,
+        where=ds.where,
+    )
+    encoded, truncated = fit(encoded, max_length, on_overflow)
+    return encoded, truncated, tok, ds.fmt

@@ -17,7 +17,7 @@ from ref_numpy.model import causal_lm_loss, model_forward
 
 from .checkpoint import load_pretrained
 from .data import batches as make_batches
-from .data import encode, fit, load_chat_template, load_dataset, load_tokenizer, unpacked_rows
+from .data import encode_file, unpacked_rows
 from .model import EngineConfig
 from .train import token_loss_sum
 
@@ -39,17 +39,10 @@ def evaluate_file(
     to NF4 as it loads (an NF4 checkpoint is always read as NF4).
     """
     cfg = hf_io.load_config(model_dir)
-    tok = load_tokenizer(model_dir, vocab_size=cfg.vocab_size)
-    ds = load_dataset(data)
-    encoded = encode(
-        ds.examples,
-        ds.fmt,
-        tok,
-        load_chat_template(model_dir),
-        train_on_prompt=train_on_prompt,
-        where=ds.where,
+    encoded, _, tok, _ = encode_file(
+        model_dir, data, cfg.vocab_size, max_length, train_on_prompt=train_on_prompt
     )
-    rows = unpacked_rows(fit(encoded, max_length)[0])
+    rows = unpacked_rows(encoded)
     buckets = [max_length]
     total, count = 0.0, 0
     if backend == "jax":

@@ -47,11 +47,7 @@ from .data import (
     Row,
     batches,
     bucket_lengths,
-    encode,
-    fit,
-    load_chat_template,
-    load_dataset,
-    load_tokenizer,
+    encode_file,
     num_batches,
     pack,
     unpacked_rows,
@@ -287,17 +283,14 @@ def _lora_config(tc: TrainConfig) -> LoraConfig | None:
 
 def prepare_rows(tc: TrainConfig, vocab_size: int) -> tuple[list[Row], list[Row], Any, dict]:
     """Train rows, eval rows, the tokenizer and data statistics, from the JSONL file."""
-    tok = load_tokenizer(tc.model, vocab_size=vocab_size)
-    ds = load_dataset(tc.data)
-    encoded = encode(
-        ds.examples,
-        ds.fmt,
-        tok,
-        load_chat_template(tc.model),
+    encoded, truncated, tok, fmt = encode_file(
+        tc.model,
+        tc.data,
+        vocab_size,
+        tc.max_length,
         train_on_prompt=tc.train_on_prompt,
-        where=ds.where,
+        on_overflow=tc.on_overflow,
     )
-    encoded, truncated = fit(encoded, tc.max_length, tc.on_overflow)
     order = np.random.default_rng(tc.seed).permutation(len(encoded))
     n_eval = round(tc.eval_split * len(encoded))
     held = [encoded[i] for i in order[:n_eval]]
@@ -306,7 +299,7 @@ def prepare_rows(tc: TrainConfig, vocab_size: int) -> tuple[list[Row], list[Row]
         raise DataError(f"{tc.data}: no training examples left after the eval split")
     to_rows = (lambda e: pack(e, tc.max_length)) if tc.packing else unpacked_rows
     stats = {
-        "format": ds.fmt,
+        "format": fmt,
         "examples": len(encoded),
         "truncated": truncated,
         "eval_examples": n_eval,
