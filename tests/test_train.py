@@ -125,3 +125,80 @@ def test_frozen_base_does_not_move_and_loss_falls() -> None:
     for path, before in leaves(params):
         if not path.endswith(("lora_A", "lora_B")):
             np.testing.assert_array_equal(after[path], before.astype(np.float32), err_msg=path)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_bf16_loss_curve_follows_the_spec(method: str) -> None:
+    """Eight steps with bf16 compute: each step's loss within 2e-2 of the spec's float64 run."""
+    rng = np.random.default_rng(24)
+    params, cfg, lcfg = make_case("gpt2", method, rng, spread=0.3, lora_spread=0.03)
+    opt = OptimConfig(lr=1e-2, warmup_steps=2, total_steps=8, max_grad_norm=1.0)
+    model = engine(params, cfg, lcfg, jnp.float32, method, compute=jnp.bfloat16)
+    trainer = Trainer.create(model, opt)
+    state = None
+    for step, batch in enumerate(batches(rng, 8)):
+        got = float(trainer.step(batch)["loss"])
+        whole = {k: v.reshape(A * B, T) for k, v in batch.items()}
+        loss, grads = loss_and_grads(
+            params,
+            cfg,
+            whole["input_ids"],
+            whole["labels"],
+            attention_mask_2d=whole["attention_mask"],
+            lora_scale=lcfg.scale,
+        )
+        assert abs(got - loss) <= 2e-2 * abs(loss), (step, got, loss)
+        grads, _ = clip_by_global_norm(grads, opt.max_grad_norm)
+        trainable = sub_tree(params, grads)
+        state = adamw_init(trainable) if state is None else state
+        lr = warmup_cosine(step, opt.lr, opt.warmup_steps, opt.total_steps)
+        trainable, state = adamw_update(grads, state, trainable, lr)
+        put_tree(params, trainable)
+
+
+def test_prompts_take_no_loss_and_segments_see_nothing_of_each_other() -> None:
+    """A hand-built packed row: two examples, each a 3-token prompt and a completion."""
+    from flax import nnx
+
+    from jax_impl.data import Encoded, batches, pack
+    from jax_impl.train import token_loss_sum
+
+    p = np.int32
+    ex1 = Encoded(np.array([5, 6, 7, 8, 9], p), np.array([-100, -100, -100, 8, 9], p))
+    ex2 = Encoded(np.array([1, 2, 3, 4], p), np.array([-100, -100, -100, 4], p))
+    (row,) = pack([ex1, ex2], 12)
+    np.testing.assert_array_equal(row.segment_ids, [1] * 5 + [2] * 4)
+    np.testing.assert_array_equal(row.positions, [0, 1, 2, 3, 4, 0, 1, 2, 3])
+    batch = next(batches([row], 1, 1, [12], seed=0, epoch=0))
+    b = {k: jnp.asarray(v[0]) for k, v in batch.items()}
+    params, cfg, lcfg = make_case("llama-gqa-rope3", "lora", np.random.default_rng(25))
+    model = engine(params, cfg, lcfg, jnp.float32, "lora")
+    graphdef, trainable, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_of_logits(logits: jax.Array) -> jax.Array:
+        from jax_impl.layers import cross_entropy
+
+        return cross_entropy(logits[:, :-1], b["labels"][:, 1:])[0]
+
+    logits = nnx.merge(graphdef, trainable, rest)(
+        b["input_ids"],
+        positions=b["positions"],
+        attention_mask_2d=b["attention_mask"],
+        segment_ids=b["segment_ids"],
+    )
+    dlogits = np.asarray(jax.grad(loss_of_logits)(logits))[0]  # [L, V]
+    counted = [2, 3, 7]  # positions whose next token is a completion token of its own segment
+    for t in range(12):
+        assert np.any(dlogits[t] != 0) == (t in counted), t
+    _, count = token_loss_sum(graphdef, trainable, rest, b, None)
+    assert int(count) == 3
+    # changing every token of the first example leaves the second one's logits unchanged
+    other = b["input_ids"].at[0, :5].set(jnp.array([11, 12, 0, 3, 2]))
+    logits2 = nnx.merge(graphdef, trainable, rest)(
+        other,
+        positions=b["positions"],
+        attention_mask_2d=b["attention_mask"],
+        segment_ids=b["segment_ids"],
+    )
+    np.testing.assert_array_equal(np.asarray(logits2)[0, 5:9], np.asarray(logits)[0, 5:9])
+    assert not np.allclose(np.asarray(logits2)[0, :5], np.asarray(logits)[0, :5])
