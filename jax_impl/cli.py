@@ -100,7 +100,10 @@ def _read_config(path: str) -> dict:
 
     text = pathlib.Path(path).read_text()
     if path.endswith(".toml"):
-        import tomllib
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
 
         return tomllib.loads(text)
     if path.endswith((".yaml", ".yml")):

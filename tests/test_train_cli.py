@@ -169,6 +169,10 @@ def test_config_file_and_flags(model_dir: Path, tmp_path: Path) -> None:
     )
     tc = train_config(build_parser().parse_args(["train", "--config", str(conf), "--rank", "2"]))
     assert tc.rank == 2 and tc.lr == 1e-3 and tc.targets == ("q_proj", "v_proj")
+    yml = tmp_path / "c.yaml"
+    yml.write_text("model: m\ndata: d.jsonl\nout: o\nmethod: full\nmax-length: 64\n")
+    tc = train_config(build_parser().parse_args(["train", "--config", str(yml)]))
+    assert tc.method == "full" and tc.max_length == 64
     conf.write_text('model = "m"\ndata = "d"\nout = "o"\nranks = 3\n')
     with pytest.raises(ValueError, match="unknown key 'ranks'"):
         train_config(build_parser().parse_args(["train", "--config", str(conf)]))
