@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -198,10 +199,13 @@ def test_killed_run_resumes_to_identical_parameters(model_dir: Path, tmp_path: P
     )
     metrics = tmp_path / ".killed.run" / "metrics.jsonl"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
+    while time.monotonic() < deadline:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 8:
             break
-        time.sleep(0.05)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.05)  # returns at once if the run ends
+        if proc.returncode is not None:
+            break
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
