@@ -91,7 +91,13 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, nargs="+", default=None, metavar="NAME")
         else:
             cast = int if kind.startswith("int") else float if kind == "float" else str
-            p.add_argument(flag, type=cast, default=None, help=f"default: {f.default!r}")
+            required = f.default is dataclasses.MISSING
+            p.add_argument(
+                flag,
+                type=cast,
+                default=None,
+                help="required" if required else f"default: {f.default!r}",
+            )
 
 
 def _read_config(path: str) -> dict:

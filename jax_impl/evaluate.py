@@ -39,6 +39,11 @@ def evaluate_file(
     to NF4 as it loads (an NF4 checkpoint is always read as NF4).
     """
     cfg = hf_io.load_config(model_dir)
+    if max_length > cfg.max_seq_len:
+        raise ValueError(
+            f"--max-length {max_length} exceeds the model's max_position_embeddings "
+            f"({cfg.max_seq_len})"
+        )
     encoded, _, tok, _ = encode_file(
         model_dir, data, cfg.vocab_size, max_length, train_on_prompt=train_on_prompt
     )

@@ -36,7 +36,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from ref_numpy import hf_io
+from ref_numpy import bnb_io, hf_io
 from ref_numpy.config import LoraConfig
 from ref_numpy.model import attn_shapes, mlp_shapes
 from ref_numpy.nf4 import nf4_bits_per_param
@@ -258,6 +258,35 @@ class TrainConfig:
     resume: bool = False  # continue the interrupted run for the same --out
     overwrite: bool = False  # replace an existing --out
 
+    def __post_init__(self) -> None:
+        choices = {
+            "method": ("full", "lora", "qlora"),
+            "dtype": ("float32", "bfloat16", "float64"),
+            "param_dtype": ("float32", "bfloat16", "float64"),
+            "remat": ("none", "full", "dots"),
+            "on_overflow": ("truncate", "error"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"TrainConfig.{name}: expected one of {list(allowed)}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        for name in (
+            "rank",
+            "batch_size",
+            "grad_accum",
+            "max_length",
+            "epochs",
+            "checkpoint_interval",
+        ):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"TrainConfig.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.steps is not None and not self.steps >= 1:
+            raise ValueError(f"TrainConfig.steps: expected >= 1, got {self.steps}")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise ValueError(f"TrainConfig.eval_split: expected 0 <= x < 1, got {self.eval_split}")
+
     def work_dir(self) -> Path:
         """Where checkpoints of an unfinished run live (beside --out, never in it)."""
         out = Path(self.out)
@@ -348,6 +377,17 @@ def run(tc: TrainConfig, progress: bool = True) -> dict[str, Any]:
         remat=tc.remat,
         quantize=tc.method == "qlora",
     )
+    base_cfg = hf_io.load_config(tc.model)
+    if tc.max_length > base_cfg.max_seq_len:
+        raise ValueError(
+            f"--max-length {tc.max_length} exceeds the model's max_position_embeddings "
+            f"({base_cfg.max_seq_len})"
+        )
+    if tc.method == "full" and bnb_io.is_nf4_checkpoint(tc.model):
+        raise ValueError(
+            f"{tc.model}: an NF4 checkpoint cannot be fully fine-tuned; "
+            "use --method qlora, or the float checkpoint"
+        )
     cfg, model = load_pretrained(tc.model, _lora_config(tc), eng)
     rows, held, tok, stats = prepare_rows(tc, cfg.vocab_size)
     buckets = bucket_lengths(tc.max_length)

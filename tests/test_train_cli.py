@@ -251,3 +251,18 @@ def test_non_finite_loss_stops_with_the_step(
     assert not out.exists()
     state = json.loads((tmp_path / ".run.run" / "checkpoint" / "state.json").read_text())
     assert state["step"] == step - 1  # the last good step
+
+
+def test_train_config_is_validated(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_chat_data(tmp_path / "chat.jsonl", n=4)
+    for flags, message in [
+        (["--method", "foo"], "TrainConfig.method: expected one of"),
+        (["--dtype", "float8"], "TrainConfig.dtype: expected one of"),
+        (["--checkpoint-interval", "0"], "TrainConfig.checkpoint_interval: expected >= 1"),
+        (["--max-length", "4096"], "--max-length 4096 exceeds the model's"),
+    ]:
+        assert main(train_args(model_dir, data, tmp_path / "o", *flags)) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "o").exists() and not (tmp_path / ".o.run").exists()

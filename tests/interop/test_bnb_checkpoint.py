@@ -22,9 +22,7 @@ parses ours, and transformers' 4-bit model gives our logits (float32, 1e-4 relat
 
 from __future__ import annotations
 
-import gc
 import json
-import types
 from pathlib import Path
 
 import ml_dtypes
@@ -43,6 +41,12 @@ torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 default_ops = pytest.importorskip("bitsandbytes.backends.default.ops")
+
+from tests.interop.bnb_reference import (  # noqa: E402  (needs bitsandbytes)
+    find_reference_quantize_blockwise,
+    reference_dequantize_4bit,
+)
+
 pytestmark = pytest.mark.interop
 
 F = bnb.functional
@@ -122,41 +126,11 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_quantize_blockwise():
-    """bnb's PyTorch ``quantize_blockwise`` (A, code, blocksize) -> (codes, absmax), found as in
-    test_nf4_bnb.py: on CPU bnb runs a C++ kernel instead, and the reference is named ``_``."""
-    for obj in gc.get_objects():
-        if (
-            type(obj) is types.FunctionType
-            and obj.__module__ == default_ops.__name__
-            and obj.__code__.co_varnames[:3] == ("A", "code", "blocksize")
-        ):
-            return obj
-    pytest.skip("bnb's PyTorch quantize_blockwise reference not found")
-
-
-def _reference_dequantize(packed, state) -> np.ndarray:
-    """bnb's PyTorch reference ``dequantize_4bit`` (what its CUDA kernel computes), float32.
-
-    Not the CPU C++ kernel, which test_nf4_bnb.py explains is not a yardstick.
-    """
-    deq_blockwise = getattr(
-        default_ops._dequantize_blockwise_compute,
-        "__wrapped__",
-        default_ops._dequantize_blockwise_compute,
-    )
-    deq_4bit = getattr(
-        default_ops._dequantize_4bit_compute, "__wrapped__", default_ops._dequantize_4bit_compute
-    )
-    absmax = state.absmax
-    if state.nested:  # as bnb's dequantize_4bit: code * nested absmax, then + offset
-        s2 = state.state2
-        absmax = (
-            deq_blockwise(absmax, s2.absmax, s2.code, s2.blocksize, torch.float32) + state.offset
-        )
-    out = deq_4bit(
-        packed.reshape(-1), absmax, state.code, state.blocksize, state.shape, torch.float32
-    )
-    return out.reshape(state.shape).numpy()
+    """bnb's PyTorch ``quantize_blockwise`` reference (see bnb_reference.py)."""
+    fn = find_reference_quantize_blockwise()
+    if fn is None:
+        pytest.skip("bnb's PyTorch quantize_blockwise reference not found")
+    return fn
 
 
 def _quant_states(path: Path) -> dict[str, tuple]:
@@ -302,7 +276,7 @@ def test_load_transformers_checkpoint_dequantizes_like_bnb(checkpoints, family, 
     for name, (packed, state) in states.items():
         q = kernels[name]
         assert isinstance(q, NF4Tensor) and q.double_quant == dq
-        np.testing.assert_array_equal(dequantize_nf4(q), _reference_dequantize(packed, state))
+        np.testing.assert_array_equal(dequantize_nf4(q), reference_dequantize_4bit(packed, state))
 
 
 @pytest.mark.parametrize("family, dtype, dq", CASES)
@@ -317,7 +291,7 @@ def test_bnb_parses_our_checkpoint(checkpoints, family, dtype, dq):
         assert state.dtype == getattr(torch, dtype)
         assert tuple(state.shape) == p["kernel"].shape
         np.testing.assert_array_equal(
-            dequantize_nf4(p["kernel"]), _reference_dequantize(packed, state)
+            dequantize_nf4(p["kernel"]), reference_dequantize_4bit(packed, state)
         )
 
 

@@ -11,9 +11,6 @@ to "equal, or bnb's is not nearer".
 
 from __future__ import annotations
 
-import gc
-import types
-
 import numpy as np
 import pytest
 
@@ -32,6 +29,12 @@ from ref_numpy.nf4 import (
 torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes")
 default_ops = pytest.importorskip("bitsandbytes.backends.default.ops")
+
+from tests.interop.bnb_reference import (  # noqa: E402  (needs bitsandbytes)
+    find_reference_quantize_blockwise,
+    reference_dequantize_4bit,
+)
+
 pytestmark = pytest.mark.interop
 
 F = bnb.functional
@@ -91,47 +94,11 @@ def _from_bnb(packed, state) -> NF4Tensor:
 
 @pytest.fixture(scope="module")
 def bnb_reference_quantize_blockwise():
-    """bnb's PyTorch ``quantize_blockwise`` kernel (A, code, blocksize) -> (codes, absmax).
-
-    On CPU bnb dispatches to its C++ kernel instead, and the reference functions in
-    default/ops.py are all named ``_``, so it is found among live functions by module and
-    argument names.
-    """
-    for obj in gc.get_objects():
-        if (
-            type(obj) is types.FunctionType
-            and obj.__module__ == default_ops.__name__
-            and obj.__code__.co_varnames[:3] == ("A", "code", "blocksize")
-        ):
-            return obj
-    pytest.skip("bnb's PyTorch quantize_blockwise reference not found")
-
-
-def _bnb_reference_dequantize(packed, state) -> np.ndarray:
-    """bnb's flat-block PyTorch reference, which is what its CUDA kernel computes.
-
-    bnb 0.50's CPU C++ ``dequantize_4bit`` was reported wrong when a row does not align with the
-    64-blocks (shape 128x96: max error 1.68 where the correct bound is 0.46; it agreed with the
-    reference on the AVX2 machine these tests were written on), so it is not the yardstick.
-    ``__wrapped__`` skips bnb's torch.compile wrapper; the arithmetic is the same.
-    """
-    deq_blockwise = getattr(
-        default_ops._dequantize_blockwise_compute,
-        "__wrapped__",
-        default_ops._dequantize_blockwise_compute,
-    )
-    deq_4bit = getattr(
-        default_ops._dequantize_4bit_compute, "__wrapped__", default_ops._dequantize_4bit_compute
-    )
-    absmax = state.absmax
-    if state.nested:  # as bnb's dequantize_4bit: code * nested absmax, then + offset
-        s2 = state.state2
-        absmax = deq_blockwise(absmax, s2.absmax, s2.code, s2.blocksize, torch.float32)
-        absmax = absmax + state.offset
-    out = deq_4bit(
-        packed.reshape(-1), absmax, state.code, state.blocksize, state.shape, torch.float32
-    )
-    return out.reshape(state.shape).numpy()
+    """bnb's PyTorch ``quantize_blockwise`` reference (see bnb_reference.py)."""
+    fn = find_reference_quantize_blockwise()
+    if fn is None:
+        pytest.skip("bnb's PyTorch quantize_blockwise reference not found")
+    return fn
 
 
 def _ulps(a: np.float32, b: np.float32) -> int:
@@ -285,7 +252,7 @@ def test_kernel_layout_matches_bnb_linear_weight():
     np.testing.assert_array_equal(q.packed, packed.numpy().reshape(-1))
     # A bnb-written weight read back as our [in, out] kernel.
     out = dequantize_kernel(_from_bnb(packed, state))
-    np.testing.assert_array_equal(out, _bnb_reference_dequantize(packed, state).T)
+    np.testing.assert_array_equal(out, reference_dequantize_4bit(packed, state).T)
 
 
 # ---------------------------------------------------------------- dequantization
@@ -299,4 +266,4 @@ def test_dequantize_matches_bnb_reference(shape, blocksize, double_quant):
     packed, state = _bnb_quantize(w, blocksize, double_quant)
     ours = dequantize_nf4(_from_bnb(packed, state))
     assert ours.dtype == np.float32 and ours.shape == shape
-    np.testing.assert_array_equal(ours, _bnb_reference_dequantize(packed, state))
+    np.testing.assert_array_equal(ours, reference_dequantize_4bit(packed, state))
