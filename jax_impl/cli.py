@@ -68,6 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--train-on-prompt", action="store_true")
 
+    gen = sub.add_parser("generate", help="continue a prompt with a model (and an adapter)")
+    gen.add_argument("--model", required=True, help="model directory (Hugging Face)")
+    gen.add_argument("--adapter", help="PEFT adapter directory")
+    gen.add_argument("--prompt", required=True, help="the prompt text (the user turn in --chat)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument(
+        "--method",
+        choices=("full", "lora", "qlora"),
+        default="lora",
+        help="qlora quantizes the base to NF4 as it loads",
+    )
+
     mem = sub.add_parser(
         "memory", help="bits per base parameter for 16-bit, NF4 and NF4 + double quantization"
     )
@@ -158,6 +176,54 @@ def _eval(args: argparse.Namespace) -> dict:
     return {"loss": loss, "tokens": tokens, "perplexity": math.exp(loss)}
 
 
+def _generate(args: argparse.Namespace) -> str:
+    import numpy as np
+
+    from ref_numpy.hf_io import load_config
+
+    from .checkpoint import load_pretrained
+    from .data import load_chat_template, load_tokenizer, render_chat
+    from .generate import generate
+    from .model import EngineConfig
+
+    cfg = load_config(args.model)
+    tok = load_tokenizer(args.model, vocab_size=cfg.vocab_size)
+    text = args.prompt
+    if args.chat:
+        text = render_chat(
+            load_chat_template(args.model),
+            [{"role": "user", "content": args.prompt}],
+            add_generation_prompt=True,
+            bos_token=tok.bos_token,
+            eos_token=tok.eos_token,
+        )
+    ids = tok.encode(text)
+    if tok.bos_id is not None and not (args.chat and text.startswith(tok.bos_token or "\0")):
+        ids = [tok.bos_id, *ids]
+    _, model = load_pretrained(
+        args.model, None, EngineConfig(quantize=args.method == "qlora"), adapter_dir=args.adapter
+    )
+    out = generate(
+        model,
+        np.asarray([ids], np.int32),
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_id=tok.eos_id,
+        stop=[tok.encode(s) for s in args.stop] or None,
+    )
+    new = [int(t) for t in out[0, len(ids) :]]
+    if tok.eos_id is not None and tok.eos_id in new:
+        new = new[: new.index(tok.eos_id)]
+    completion = tok.decode(new)
+    for s in args.stop:
+        if s in completion:
+            completion = completion[: completion.index(s)]
+    return completion
+
+
 def _memory(n_params: float, blocksize: int) -> None:
     rows = [
         ("16-bit", 16.0),
@@ -201,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(summary))
         elif args.command == "eval":
             print(json.dumps(_eval(args)))
+        elif args.command == "generate":
+            print(_generate(args))
         elif args.command == "memory":
             _memory(args.params, args.blocksize)
         else:

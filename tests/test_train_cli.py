@@ -266,3 +266,44 @@ def test_train_config_is_validated(
         assert main(train_args(model_dir, data, tmp_path / "o", *flags)) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "o").exists() and not (tmp_path / ".o.run").exists()
+
+
+def test_generate_command_gives_the_spec_greedy_text(
+    model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jax_impl.data import load_tokenizer
+    from ref_numpy.generate import generate
+    from ref_numpy.hf_io import load_model
+
+    prompt = "hello 12+34?"
+    assert (
+        main(["generate", "--model", str(model_dir), "--prompt", prompt, "--max-new-tokens", "6"])
+        == 0
+    )
+    got = capsys.readouterr().out[:-1]  # print adds one newline
+    tok = load_tokenizer(model_dir, vocab_size=CFG.vocab_size)
+    cfg, params = load_model(model_dir, dtype=np.float64)
+    ids = np.asarray([[tok.bos_id, *tok.encode(prompt)]])
+    new = [int(t) for t in generate(params, cfg, ids, 6, eos_id=tok.eos_id)[0, ids.shape[1] :]]
+    if tok.eos_id in new:
+        new = new[: new.index(tok.eos_id)]
+    assert got == tok.decode(new)
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(model_dir),
+                "--prompt",
+                prompt,
+                "--chat",
+                "--temperature",
+                "0.8",
+                "--top-k",
+                "5",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )

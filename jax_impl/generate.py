@@ -1,0 +1,367 @@
+"""Mirror of ``ref_numpy/generate.py``: KV-cache decoding, jitted once per shape bucket.
+
+The spec runs a Python loop and grows its cache by one position per token. Here the whole
+decode is one ``jax.jit`` program per ``(B, prompt bucket P, cache length S)``:
+
+1. the prompt, right-padded to ``P`` (the next power of two >= T0), runs once through the
+   model and writes its keys and values into a preallocated cache ``[L, B, S, K, H]``;
+   the padded positions come after the real ones, so causal masking already hides them
+   from the real queries, and decode steps overwrite them before any query can see them;
+2. a ``jax.lax.while_loop`` feeds one token per iteration: it writes the token's keys and
+   values at its position and attends over the cache with keys ``s <= position`` visible.
+
+Prompt length, token budget, temperature, top-k, top-p and the eos id are traced values, so
+changing them inside a bucket does not recompile. The forward pass reuses the model's own
+submodules (``Dense`` with its LoRA / NF4 handling, ``Norm``, ``rope``, ``sdpa``) and
+reproduces ``Model.__call__`` (embedding, positions, final norm, head in ``acc_dtype``).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ref_numpy.config import ModelConfig
+
+from .attention import Attention, sdpa
+from .layers import acc_dtype, embedding
+from .lora import Dense
+from .model import MLP, Block, Model
+from .positional import inv_freq, learned, rope, sinusoidal
+
+Array = jax.Array
+
+# How often the decode program was traced, per (B, P, S) bucket: a test hook (each trace is
+# one compilation; generating again inside a bucket must not add one).
+TRACES: collections.Counter[tuple[int, int, int]] = collections.Counter()
+
+
+def bucket(n: int) -> int:
+    """The next power of two >= n (n >= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+# --- the forward pass with a cache ---------------------------------------------------
+
+
+def _attn_cached(
+    attn: Attention,
+    x: Array,
+    positions: Array,
+    mask: Array,
+    freqs: np.ndarray | None,
+    cache: tuple[Array, Array],
+    layer: Array,
+    start: Array,
+) -> tuple[Array, tuple[Array, Array]]:
+    """``Attention.__call__`` with a cache: x [B,T,D] at positions ``start + t``; cache k/v
+    [L,B,S,K,H]. Writes this layer's new keys / values at ``start`` and attends over all S
+    (``mask`` [B,T,S] hides what a query may not see). Returns ([B,T,D], cache)."""
+    b, t, _ = x.shape
+    n, kv, h = attn.n, attn.kv, attn.h
+
+    def proj(name: str, inp: Array) -> Array:
+        dense: Dense = getattr(attn, name)
+        return dense(inp)
+
+    if attn.fused:
+        q, k, v = jnp.split(proj("c_attn", x), [n * h, (n + kv) * h], axis=-1)
+    else:
+        q, k, v = proj("q_proj", x), proj("k_proj", x), proj("v_proj", x)
+    q, k, v = q.reshape(b, t, n, h), k.reshape(b, t, kv, h), v.reshape(b, t, kv, h)
+    if freqs is not None:
+        q, k = rope(q, positions, freqs), rope(k, positions, freqs)
+    kc, vc = cache
+    zero = jnp.zeros((), start.dtype)
+    at = (layer, zero, start, zero, zero)
+    kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), at)  # [L,B,S,K,H]
+    vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), at)
+    impl = "xla" if attn.impl == "cudnn" else attn.impl  # cuDNN's flash kernel wants T == S
+    o = sdpa(q, kc[layer].astype(q.dtype), vc[layer].astype(q.dtype), mask, impl)  # [B,T,N,H]
+    o = o.reshape(b, t, n * h)
+    return proj("c_proj" if attn.fused else "o_proj", o), (kc, vc)
+
+
+def _block_cached(
+    block: Block,
+    x: Array,
+    positions: Array,
+    mask: Array,
+    freqs: np.ndarray | None,
+    cache: tuple[Array, Array],
+    layer: Array,
+    start: Array,
+) -> tuple[Array, tuple[Array, Array]]:
+    """``Block.__call__`` (pre- or post-LN, no dropout) with the attention's cache."""
+    mlp: MLP = block.mlp
+    if block.pre:
+        a, cache = _attn_cached(
+            block.attn, block.attn_norm(x), positions, mask, freqs, cache, layer, start
+        )
+        x = x + a
+        return x + mlp(block.mlp_norm(x), {}), cache
+    a, cache = _attn_cached(block.attn, x, positions, mask, freqs, cache, layer, start)
+    x = block.attn_norm(x + a)
+    return block.mlp_norm(x + mlp(x, {})), cache
+
+
+def forward_cached(
+    model: Model, ids: Array, start: Array, cache: tuple[Array, Array], last: Array
+) -> tuple[Array, tuple[Array, Array]]:
+    """Logits of one position per row for ``ids`` placed at ``start, start+1, ...``.
+
+    Args:
+      ids: int [B, T] tokens at positions ``start + t``.
+      start: int scalar, the first position (where the keys / values are written).
+      cache: keys and values [L, B, S, K, H]; positions >= start + T are never seen.
+      last: int scalar, the index in ``[0, T)`` whose logits are returned.
+    Returns:
+      logits [B, V] in ``acc_dtype`` (as ``Model.__call__``) and the updated cache.
+    """
+    cfg, eng = model.cfg, model.eng
+    b, t = ids.shape
+    s = cache[0].shape[2]
+    positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))  # [B,T]
+    mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B,T,S] causal over cache
+    x = embedding(ids, model.embed.embedding[...]).astype(eng.dtype)  # [B,T,D]
+    if cfg.scale_embeddings:
+        x = x * jnp.asarray(cfg.d_model**0.5, eng.dtype)
+    if cfg.position == "sinusoidal":
+        x = sinusoidal(x, positions)
+    elif cfg.position == "learned":
+        x = learned(x, positions, model.pos_embed.embedding[...].astype(eng.dtype))
+    freqs = inv_freq(cfg)
+
+    graphdef, stacked = nnx.split(model.layers)
+
+    def body(carry: tuple[Array, Any], xs: tuple[Any, Array]) -> tuple[tuple[Array, Any], None]:
+        x, cache = carry
+        layer_state, layer = xs
+        block = nnx.merge(graphdef, layer_state)
+        return _block_cached(block, x, positions, mask, freqs, cache, layer, start), None
+
+    layers = jnp.arange(cfg.n_layers, dtype=start.dtype)
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, layers))
+    x = jax.lax.dynamic_index_in_dim(x, last, axis=1, keepdims=False)  # [B,D]
+    if cfg.norm_order == "pre":
+        x = model.final_norm(x)
+    head = model.embed.embedding[...].T if cfg.tie_embeddings else model.lm_head.weight()
+    logits = jnp.einsum(
+        "BD,DV->BV", x, head.astype(eng.dtype), preferred_element_type=acc_dtype(eng.dtype)
+    )
+    return logits, cache
+
+
+# --- sampling --------------------------------------------------------------------------
+
+
+def sample_token(
+    logits: Array,
+    key: Array,
+    temperature: Array,
+    top_k: Array,
+    top_p: Array,
+    *,
+    greedy: bool,
+    use_top_k: bool,
+    use_top_p: bool,
+) -> Array:
+    """One token per row, as the spec's ``sample_token``. logits [B, V] -> int32 [B].
+
+    Greedy is argmax (ties to the lowest id). Otherwise logits / temperature, cut to the
+    ``top_k`` largest, then to the smallest most-likely set reaching ``top_p``, sampled with
+    ``jax.random.categorical``. The knobs are traced; only which filters apply is static.
+    """
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    v = logits.shape[-1]
+    z = logits / temperature.astype(logits.dtype)  # [B,V]
+    if use_top_k:
+        k = jnp.clip(top_k, 1, v)
+        kth = jnp.take(jnp.sort(z, axis=-1), v - k, axis=-1)[:, None]  # [B,1]
+        z = jnp.where(z < kth, -jnp.inf, z)
+    if use_top_p:
+        p = jax.nn.softmax(z, axis=-1)  # [B,V]
+        order = jnp.argsort(-p, axis=-1, stable=True)  # [B,V] most likely first
+        sorted_p = jnp.take_along_axis(p, order, axis=-1)
+        before = jnp.cumsum(sorted_p, axis=-1) - sorted_p  # mass of the likelier tokens
+        keep_sorted = before < top_p.astype(p.dtype)  # the first token always stays
+        rows = jnp.arange(p.shape[0])[:, None]
+        keep = jnp.zeros_like(keep_sorted).at[rows, order].set(keep_sorted)  # vocab order
+        z = jnp.where(keep, z, -jnp.inf)
+    return jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
+
+
+# --- the decode program ------------------------------------------------------------------
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "cache_len", "greedy", "use_top_k", "use_top_p")
+)
+def _decode(
+    graphdef: Any,
+    state: Any,
+    prompt: Array,
+    t0: Array,
+    n_new: Array,
+    key: Array,
+    temperature: Array,
+    top_k: Array,
+    top_p: Array,
+    eos: Array,
+    pad: Array,
+    stops: Array,
+    stop_valid: Array,
+    *,
+    cache_len: int,
+    greedy: bool,
+    use_top_k: bool,
+    use_top_p: bool,
+) -> tuple[Array, Array]:
+    """Prefill ``prompt`` [B, P] (first ``t0`` real), then decode up to ``n_new`` tokens.
+
+    ``eos`` < 0 means no eos; ``stops`` [N_stop, W] holds stop sequences right-aligned,
+    ``stop_valid`` marks their real entries. Returns the tokens [B, S + 1] (prompt, then the
+    generated ones from ``t0``) and the number n of generated tokens.
+    """
+    b, p = prompt.shape
+    TRACES[(b, p, cache_len)] += 1  # runs only while tracing
+    model = nnx.merge(graphdef, state)
+    cfg: ModelConfig = model.cfg
+    dt = model.eng.dtype
+    shape = (cfg.n_layers, b, cache_len, cfg.n_kv, cfg.hd)
+    cache = (jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+    zero = jnp.zeros((), jnp.int32)
+    logits, cache = forward_cached(model, prompt, zero, cache, t0 - 1)  # [B,V]
+
+    out = jnp.zeros((b, cache_len + 1), jnp.int32)
+    out = jax.lax.dynamic_update_slice(out, prompt, (zero, zero))
+    width = stops.shape[1]
+    window = jnp.full((b, width), -1, jnp.int32)  # the last W generated tokens
+
+    def pick(
+        logits: Array, i: Array, out: Array, done: Array, window: Array
+    ) -> tuple[Array, Array, Array, Array]:
+        tok = sample_token(
+            logits,
+            jax.random.fold_in(key, i),
+            temperature,
+            top_k,
+            top_p,
+            greedy=greedy,
+            use_top_k=use_top_k,
+            use_top_p=use_top_p,
+        )  # [B]
+        tok = jnp.where(done, pad, tok)
+        done = done | (tok == eos)
+        window = jnp.concatenate([window[:, 1:], tok[:, None]], axis=1)  # [B,W]
+        hit = (window[:, None, :] == stops[None]) | ~stop_valid[None]  # [B,N_stop,W]
+        done = done | (hit.all(axis=-1) & stop_valid.any(axis=-1)[None]).any(axis=-1)
+        out = jax.lax.dynamic_update_slice(out, tok[:, None], (zero, t0 + i))
+        return tok, out, done, window
+
+    done0 = jnp.zeros((b,), bool)
+    tok, out, done, window = pick(logits, zero, out, done0, window)
+
+    def cond(carry: tuple[Any, ...]) -> Array:
+        i, _, _, done, _, _ = carry
+        return (i < n_new) & ~done.all()
+
+    def step(carry: tuple[Any, ...]) -> tuple[Any, ...]:
+        i, tok, cache, done, out, window = carry
+        pos = t0 + i - 1  # the position of the token fed now
+        logits, cache = forward_cached(model, tok[:, None], pos, cache, zero)
+        tok, out, done, window = pick(logits, i, out, done, window)
+        return i + 1, tok, cache, done, out, window
+
+    one = jnp.ones((), jnp.int32)
+    n, *_, out, _ = jax.lax.while_loop(cond, step, (one, tok, cache, done, out, window))
+    return out, n
+
+
+def generate(
+    model: Model,
+    prompt_ids: Any,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    eos_id: int | None = None,
+    stop: list[list[int]] | None = None,
+) -> np.ndarray:
+    """Continue each prompt row by up to ``max_new_tokens`` tokens, as the spec's ``generate``.
+
+    Args:
+      model: an engine model (full, LoRA or QLoRA; adapters are applied, without dropout).
+      prompt_ids: int [B, T0], rows of equal length.
+      temperature: 0 is greedy (argmax, ties to the lowest id); > 0 samples.
+      top_k, top_p: sampling filters (see ``sample_token``).
+      seed: the sampling key is ``jax.random.key(seed)``, folded with the step.
+      eos_id: a row that produced it keeps producing it; generation stops early when every
+        row is done.
+      stop: token sequences; a row whose generated tokens end with one of them is done (the
+        sequence is kept), and pads with ``eos_id`` (or 0 without one) from then on.
+    Returns:
+      int32 [B, T0 + n], the prompt followed by the n generated tokens.
+    """
+    cfg: ModelConfig = model.cfg
+    prompt = np.asarray(prompt_ids)
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt: expected int [B, T0] with T0 >= 1, got shape {prompt.shape}")
+    if temperature < 0:
+        raise ValueError(f"temperature: expected >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k: expected >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: expected 0 < top_p <= 1, got {top_p}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
+    b, t0 = prompt.shape
+    fed = t0 + max(max_new_tokens, 1) - 1  # positions that run through the model
+    if fed > cfg.max_seq_len:
+        raise ValueError(f"ids: position {fed - 1} exceeds max_seq_len={cfg.max_seq_len}")
+    if max_new_tokens == 0:
+        return prompt.astype(np.int32)
+    cache_len = min(bucket(fed), cfg.max_seq_len)
+    p = min(bucket(t0), cache_len)
+    padded = np.zeros((b, p), np.int32)
+    padded[:, :t0] = prompt
+
+    stop = [list(s) for s in (stop or []) if len(s) > 0]
+    width = max(4, bucket(max((len(s) for s in stop), default=1)))  # bucketed: no recompiles
+    stops = np.full((max(4, bucket(max(len(stop), 1))), width), -1, np.int32)
+    valid = np.zeros(stops.shape, bool)
+    for i, s in enumerate(stop):
+        stops[i, width - len(s) :] = s  # right-aligned with the newest token
+        valid[i, width - len(s) :] = True
+
+    graphdef, state = nnx.split(model)
+    i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
+    out, n = _decode(
+        graphdef,
+        state,
+        jnp.asarray(padded),
+        i32(t0),
+        i32(max_new_tokens),
+        jax.random.key(seed),
+        jnp.asarray(max(temperature, 1e-30), jnp.float32),
+        i32(top_k or 1),
+        jnp.asarray(top_p or 1.0, jnp.float32),
+        i32(-1 if eos_id is None else eos_id),
+        i32(0 if eos_id is None else eos_id),
+        jnp.asarray(stops),
+        jnp.asarray(valid),
+        cache_len=cache_len,
+        greedy=temperature == 0,
+        use_top_k=top_k is not None,
+        use_top_p=top_p is not None,
+    )
+    return np.asarray(out)[:, : t0 + int(n)]
