@@ -245,7 +245,7 @@ class Model(nnx.Module):
         for _, var in nnx.iter_graph(self.layers):  # flax skips empty axis names (NF4 offset)
             if isinstance(var, nnx.Variable):
                 axes = var.get_metadata().get("out_sharding")
-                if axes is not None and len(axes) < var.value.ndim:
+                if axes is not None and len(axes) < var.get_value().ndim:
                     var.set_metadata(out_sharding=("layers", *axes))
         if cfg.norm_order == "pre":
             self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, base, eng.param_dtype)
@@ -344,14 +344,14 @@ def from_spec(
     flat = []
     for path, var in nnx.to_flat_state(state):
         stacked = path[0] == "layers"
-        want = tuple(var.value.shape)[1:] if stacked else tuple(var.value.shape)
+        want = tuple(var.get_value().shape)[1:] if stacked else tuple(var.get_value().shape)
         rows = [_spec_leaf(layer, path[1:]) for layer in params["layers"]] if stacked else []
         for i, row in enumerate(rows if stacked else [_spec_leaf(params, path)]):
             if np.shape(row) != want:
                 name = ".".join(map(str, ("layers", i, *path[1:]) if stacked else path))
                 raise ValueError(f"{name}: expected shape {list(want)}, got {list(np.shape(row))}")
         value = np.stack([np.asarray(r) for r in rows]) if stacked else _spec_leaf(params, path)
-        flat.append((path, var.replace(jnp.asarray(value, var.value.dtype))))
+        flat.append((path, var.replace(jnp.asarray(value, var.get_value().dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -361,7 +361,7 @@ def to_spec(model: Model) -> dict[str, Any]:
     nf4: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
     for path, var in nnx.to_flat_state(nnx.state(model)):
         stacked = path[0] == "layers"
-        rows = list(np.asarray(var.value)) if stacked else [np.asarray(var.value)]
+        rows = list(np.asarray(var.get_value())) if stacked else [np.asarray(var.get_value())]
         trees = params["layers"] if stacked else [params]
         rel = path[1:] if stacked else path
         for i, (row, tree) in enumerate(zip(rows, trees, strict=True)):

@@ -71,7 +71,7 @@ def test_every_variable_carries_logical_axes(method: str) -> None:
     seen = set()
     for path, var in nnx.to_flat_state(nnx.state(model)):
         axes = var.get_metadata()["out_sharding"]
-        assert len(axes) == len(var.value.shape), (path, axes, var.value.shape)
+        assert len(axes) == len(var.get_value().shape), (path, axes, var.get_value().shape)
         assert (path[0] == "layers") == (axes[0] == "layers"), (path, axes)
         seen.update(a for a in axes if a)
     assert {"layers", "vocab", "embed"} <= seen

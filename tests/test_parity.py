@@ -105,7 +105,7 @@ def engine_loss_and_grads(
     loss, grads = fn(params, rest, {k: jnp.asarray(v) for k, v in data.items()}, key)
     flat = {}
     for path, var in nnx.to_flat_state(grads):
-        value = np.asarray(var.value, dtype=np.float64)
+        value = np.asarray(var.get_value(), dtype=np.float64)
         if path[0] == "layers":
             for i, row in enumerate(value):
                 flat[".".join(map(str, ("layers", i, *path[1:])))] = row
