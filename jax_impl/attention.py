@@ -94,20 +94,33 @@ class Attention(nnx.Module):
         keys: dict[str, Array] | None = None,
     ) -> Array:
         """[B, T, D] -> [B, T, D]; ``keys`` maps projection names to dropout keys."""
+        q, k, v = self.qkv(x, positions, freqs, keys)
+        return self.out(sdpa(q, k, v, mask, self.impl), keys)
+
+    def _proj(self, name: str, x: Array, keys: dict[str, Array] | None) -> Array:
+        dense: Dense = getattr(self, name)
+        return dense(x, (keys or {}).get(name))
+
+    def qkv(
+        self,
+        x: Array,
+        positions: Array,
+        freqs: np.ndarray | None,
+        keys: dict[str, Array] | None = None,
+    ) -> tuple[Array, Array, Array]:
+        """Projected, rotated heads: x [B, T, D] -> q [B,T,N,H], k and v [B,T,K,H]."""
         b, t, _ = x.shape
         n, kv, h = self.n, self.kv, self.h
-        keys = keys or {}
-
-        def proj(name: str, inp: Array) -> Array:
-            dense: Dense = getattr(self, name)
-            return dense(inp, keys.get(name))
-
         if self.fused:
-            q, k, v = jnp.split(proj("c_attn", x), [n * h, (n + kv) * h], axis=-1)
+            q, k, v = jnp.split(self._proj("c_attn", x, keys), [n * h, (n + kv) * h], axis=-1)
         else:
-            q, k, v = proj("q_proj", x), proj("k_proj", x), proj("v_proj", x)
+            q, k, v = (self._proj(name, x, keys) for name in ("q_proj", "k_proj", "v_proj"))
         q, k, v = q.reshape(b, t, n, h), k.reshape(b, t, kv, h), v.reshape(b, t, kv, h)
         if freqs is not None:
             q, k = rope(q, positions, freqs), rope(k, positions, freqs)
-        o = sdpa(q, k, v, mask, self.impl).reshape(b, t, n * h)
-        return proj("c_proj" if self.fused else "o_proj", o)
+        return q, k, v
+
+    def out(self, o: Array, keys: dict[str, Array] | None = None) -> Array:
+        """Merged heads through the output projection: [B, T, N, H] -> [B, T, D]."""
+        b, t, n, h = o.shape
+        return self._proj("c_proj" if self.fused else "o_proj", o.reshape(b, t, n * h), keys)

@@ -30,10 +30,8 @@ from flax import nnx
 from ref_numpy.config import ModelConfig
 
 from .attention import Attention, sdpa
-from .layers import acc_dtype, embedding
-from .lora import Dense
 from .model import MLP, Block, Model
-from .positional import inv_freq, learned, rope, sinusoidal
+from .positional import inv_freq
 
 Array = jax.Array
 
@@ -63,20 +61,7 @@ def _attn_cached(
     """``Attention.__call__`` with a cache: x [B,T,D] at positions ``start + t``; cache k/v
     [L,B,S,K,H]. Writes this layer's new keys / values at ``start`` and attends over all S
     (``mask`` [B,T,S] hides what a query may not see). Returns ([B,T,D], cache)."""
-    b, t, _ = x.shape
-    n, kv, h = attn.n, attn.kv, attn.h
-
-    def proj(name: str, inp: Array) -> Array:
-        dense: Dense = getattr(attn, name)
-        return dense(inp)
-
-    if attn.fused:
-        q, k, v = jnp.split(proj("c_attn", x), [n * h, (n + kv) * h], axis=-1)
-    else:
-        q, k, v = proj("q_proj", x), proj("k_proj", x), proj("v_proj", x)
-    q, k, v = q.reshape(b, t, n, h), k.reshape(b, t, kv, h), v.reshape(b, t, kv, h)
-    if freqs is not None:
-        q, k = rope(q, positions, freqs), rope(k, positions, freqs)
+    q, k, v = attn.qkv(x, positions, freqs)  # [B,T,N,H], [B,T,K,H] x 2
     kc, vc = cache
     zero = jnp.zeros((), start.dtype)
     at = (layer, zero, start, zero, zero)
@@ -84,8 +69,7 @@ def _attn_cached(
     vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), at)
     impl = "xla" if attn.impl == "cudnn" else attn.impl  # cuDNN's flash kernel wants T == S
     o = sdpa(q, kc[layer].astype(q.dtype), vc[layer].astype(q.dtype), mask, impl)  # [B,T,N,H]
-    o = o.reshape(b, t, n * h)
-    return proj("c_proj" if attn.fused else "o_proj", o), (kc, vc)
+    return attn.out(o), (kc, vc)
 
 
 def _block_cached(
@@ -124,18 +108,12 @@ def forward_cached(
     Returns:
       logits [B, V] in ``acc_dtype`` (as ``Model.__call__``) and the updated cache.
     """
-    cfg, eng = model.cfg, model.eng
+    cfg = model.cfg
     b, t = ids.shape
     s = cache[0].shape[2]
     positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))  # [B,T]
     mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B,T,S] causal over cache
-    x = embedding(ids, model.embed.embedding[...]).astype(eng.dtype)  # [B,T,D]
-    if cfg.scale_embeddings:
-        x = x * jnp.asarray(cfg.d_model**0.5, eng.dtype)
-    if cfg.position == "sinusoidal":
-        x = sinusoidal(x, positions)
-    elif cfg.position == "learned":
-        x = learned(x, positions, model.pos_embed.embedding[...].astype(eng.dtype))
+    x = model.embed_tokens(ids, positions)  # [B,T,D]
     freqs = inv_freq(cfg)
 
     graphdef, stacked = nnx.split(model.layers)
@@ -148,13 +126,8 @@ def forward_cached(
 
     layers = jnp.arange(cfg.n_layers, dtype=start.dtype)
     (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, layers))
-    x = jax.lax.dynamic_index_in_dim(x, last, axis=1, keepdims=False)  # [B,D]
-    if cfg.norm_order == "pre":
-        x = model.final_norm(x)
-    head = model.embed.embedding[...].T if cfg.tie_embeddings else model.lm_head.weight()
-    logits = jnp.einsum(
-        "BD,DV->BV", x, head.astype(eng.dtype), preferred_element_type=acc_dtype(eng.dtype)
-    )
+    x = jax.lax.dynamic_index_in_dim(x, last, axis=1, keepdims=True)  # [B,1,D]
+    logits = model.logits(x)[:, 0]  # [B,V]
     return logits, cache
 
 

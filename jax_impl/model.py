@@ -282,13 +282,7 @@ class Model(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         mask = attention_mask(b, t, t, padding=attention_mask_2d, segment_ids=segment_ids)
-        x = embedding(ids, self.embed.embedding[...]).astype(eng.dtype)
-        if cfg.scale_embeddings:
-            x = x * jnp.asarray(cfg.d_model**0.5, eng.dtype)
-        if cfg.position == "sinusoidal":
-            x = sinusoidal(x, positions)
-        elif cfg.position == "learned":
-            x = learned(x, positions, self.pos_embed.embedding[...].astype(eng.dtype))
+        x = self.embed_tokens(ids, positions)  # [B,T,D]
         freqs = inv_freq(cfg)
         keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_layers)
 
@@ -302,10 +296,29 @@ class Model(nnx.Module):
         if eng.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[eng.remat])
         x, _ = jax.lax.scan(body, x, (stacked, keys))
+        return self.logits(x)
+
+    def embed_tokens(self, ids: Array, positions: Array) -> Array:
+        """Token (and sinusoidal / learned position) embeddings: [B, T] -> [B, T, D]."""
+        cfg, eng = self.cfg, self.eng
+        x = embedding(ids, self.embed.embedding[...]).astype(eng.dtype)
+        if cfg.scale_embeddings:
+            x = x * jnp.asarray(cfg.d_model**0.5, eng.dtype)
+        if cfg.position == "sinusoidal":
+            x = sinusoidal(x, positions)
+        elif cfg.position == "learned":
+            x = learned(x, positions, self.pos_embed.embedding[...].astype(eng.dtype))
+        return x
+
+    def logits(self, x: Array) -> Array:
+        """Final norm (pre-LN models) and the head: [B, T, D] -> [B, T, V] in acc_dtype.
+
+        Logits stay in acc_dtype: they can be large, and a bf16 logit of 10 is off by up to
+        0.03, which moves its softmax probability by 3%.
+        """
+        cfg, eng = self.cfg, self.eng
         if cfg.norm_order == "pre":
             x = self.final_norm(x)
-        # Logits stay in acc_dtype: they can be large, and a bf16 logit of 10 is off by up to
-        # 0.03, which moves its softmax probability by 3%.
         head = self.embed.embedding[...].T if cfg.tie_embeddings else self.lm_head.weight()
         return jnp.einsum(
             "BTD,DV->BTV", x, head.astype(eng.dtype), preferred_element_type=acc_dtype(eng.dtype)
