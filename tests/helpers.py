@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 
 # Relative tolerances per dtype, used by every parity check in the suite.
@@ -34,3 +37,15 @@ def grad_rel_errs(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> di
         diff = np.asarray(got[path], np.float64) - np.asarray(w, np.float64)
         out[path] = float(np.linalg.norm(diff) / max(float(np.linalg.norm(w)), floor))
     return out
+
+
+def leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(path, leaf)`` for every leaf of a nested dict / list param tree, paths dotted."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from leaves(v, f"{prefix}{k}.")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from leaves(v, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], tree

@@ -25,6 +25,7 @@ from ref_numpy.hf_io import CheckpointError
 from ref_numpy.lora import projections
 from ref_numpy.model import init_params, model_forward
 from ref_numpy.nf4 import DYNAMIC_MAP, NF4_CODE, NF4Tensor, quantize_kernel
+from tests.helpers import leaves
 
 # Odd, prime-ish sizes. Llama: GQA, and a d_ff of 701 puts 263 blocks in each MLP weight, so the
 # double quantization has two nested blocks, the second partial. GPT-2: head_dim 5 makes every
@@ -61,17 +62,6 @@ def _assert_nf4_equal(a: NF4Tensor, b: NF4Tensor) -> None:
         if x is not None:
             assert np.asarray(x).dtype == np.asarray(y).dtype, field
             np.testing.assert_array_equal(x, y, err_msg=field)
-
-
-def _leaves(tree, prefix=""):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _leaves(v, f"{prefix}{k}.")
-    elif isinstance(tree, list):
-        for i, v in enumerate(tree):
-            yield from _leaves(v, f"{prefix}{i}.")
-    else:
-        yield prefix[:-1], tree
 
 
 def _edit(model_dir: Path, fn) -> None:
@@ -113,9 +103,9 @@ def test_round_trip_gives_identical_state(tmp_path, family, double_quant):
         assert q.double_quant == double_quant
         _assert_nf4_equal(q, quantize_kernel(p["kernel"], 64, double_quant))
     # Everything else comes back as float32 (init_params is float64).
-    flat = dict(_leaves(loaded))
-    assert set(flat) == set(dict(_leaves(params)))
-    for path, value in _leaves(params):
+    flat = dict(leaves(loaded))
+    assert set(flat) == set(dict(leaves(params)))
+    for path, value in leaves(params):
         if path.endswith(".kernel") and path.startswith("layers."):
             continue
         assert flat[path].dtype == np.float32, path
@@ -133,7 +123,7 @@ def test_round_trip_gives_identical_state(tmp_path, family, double_quant):
 def _quantized(params: dict, double_quant: bool) -> dict:
     """float32 params with every block projection quantized in memory."""
     out = copy.deepcopy(params)
-    for path, value in _leaves(params):
+    for path, value in leaves(params):
         node = out
         *keys, last = [int(k) if k.isdigit() else k for k in path.split(".")]
         for k in keys:

@@ -20,6 +20,7 @@ from ref_numpy.hf_io import (
 )
 from ref_numpy.model import init_params
 from ref_numpy.nf4 import NF4Tensor, dequantize_kernel
+from tests.helpers import leaves
 
 CONFIGS = {
     "llama": llama_config(
@@ -43,16 +44,6 @@ CONFIGS = {
 }
 
 
-def leaves(tree: object, prefix: str = "") -> dict[str, object]:
-    if isinstance(tree, dict):
-        return {
-            k: v for key, sub in tree.items() for k, v in leaves(sub, f"{prefix}{key}.").items()
-        }
-    if isinstance(tree, list):
-        return {k: v for i, sub in enumerate(tree) for k, v in leaves(sub, f"{prefix}{i}.").items()}
-    return {prefix[:-1]: tree}
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_round_trip(name: str, tmp_path: Path) -> None:
     cfg = CONFIGS[name]
@@ -60,7 +51,7 @@ def test_round_trip(name: str, tmp_path: Path) -> None:
     save_model(params, cfg, tmp_path / "m")
     assert load_config(tmp_path / "m") == cfg
     _, back = load_model(tmp_path / "m", dtype=np.float64)
-    want, got = leaves(params), leaves(back)
+    want, got = dict(leaves(params)), dict(leaves(back))
     assert set(got) == set(want)
     for k, v in want.items():
         np.testing.assert_array_equal(got[k], np.asarray(v, np.float32).astype(np.float64))
@@ -106,7 +97,7 @@ def test_peak_memory_of_a_streaming_load(tmp_path: Path) -> None:
     _, loaded = load_model(tmp_path / "m")
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert sum(a.nbytes for a in leaves(loaded).values()) == output  # type: ignore[attr-defined]
+    assert sum(a.nbytes for _, a in leaves(loaded)) == output  # type: ignore[attr-defined]
     assert peak - base <= 1.3 * largest + output, (peak - base, largest, output)
     assert peak - base >= output  # the measurement sees the arrays
 

@@ -3,7 +3,6 @@ LoRA identities (B = 0, merge / unmerge) and the errors bad input gets."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ from ref_numpy.config import (
 )
 from ref_numpy.model import init_params, loss_and_grads, model_forward
 from tests.gradcheck import grad_rel_err, numerical_grad
-from tests.helpers import FD_RTOL
+from tests.helpers import FD_RTOL, leaves
 
 B, T, V = 3, 7, 13
 SMALL = dict(vocab_size=V, d_model=10, n_layers=2, d_ff=14, max_seq_len=16)
@@ -41,18 +40,6 @@ CONFIGS: dict[str, ModelConfig] = {
         **SMALL, n_heads=3, n_kv_heads=1, head_dim=6, bias="qkv", tie_embeddings=True
     ),
 }
-
-
-def leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """``(path, array)`` for every array leaf of a nested dict / list."""
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from leaves(v, f"{prefix}{k}.")
-    elif isinstance(tree, list):
-        for i, v in enumerate(tree):
-            yield from leaves(v, f"{prefix}{i}.")
-    else:
-        yield prefix[:-1], tree
 
 
 def random_params(

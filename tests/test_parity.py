@@ -21,8 +21,8 @@ from ref_numpy import lora as LR
 from ref_numpy.config import LoraConfig, ModelConfig
 from ref_numpy.model import init_params, loss_and_grads, model_forward
 from ref_numpy.nf4 import NF4Tensor, quantize_kernel
-from tests.helpers import RTOL, grad_rel_errs, rel_err
-from tests.test_model import CONFIGS, V, batch, leaves, random_params
+from tests.helpers import RTOL, grad_rel_errs, leaves, rel_err
+from tests.test_model import CONFIGS, V, batch, random_params
 
 B, T = 3, 7
 METHODS = ("full", "lora", "qlora")

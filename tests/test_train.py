@@ -13,7 +13,8 @@ from jax_impl.model import to_spec
 from jax_impl.train import OptimConfig, Trainer
 from ref_numpy.model import loss_and_grads
 from ref_numpy.optim import adamw_init, adamw_update, clip_by_global_norm, warmup_cosine
-from tests.test_model import V, leaves
+from tests.helpers import leaves
+from tests.test_model import V
 from tests.test_parity import engine, make_case
 
 A, B, T = 2, 3, 7  # micro-batches, rows per micro-batch, positions
