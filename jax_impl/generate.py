@@ -338,3 +338,41 @@ def generate(
         use_top_p=top_p is not None,
     )
     return np.asarray(out)[:, : t0 + int(n)]
+
+
+def generate_many(
+    model: Model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    batch_size: int = 32,
+    eos_id: int | None = None,
+    stop: list[list[int]] | None = None,
+    **sampling: Any,
+) -> list[list[int]]:
+    """Continue prompts of any lengths; returns each one's new tokens (eos not included).
+
+    Prompts of equal length are decoded together, ``batch_size`` rows at a time (a short
+    group is filled up with copies of its first row), so every call shares the one compiled
+    program of its ``(batch_size, prompt bucket, cache bucket)`` and no prompt is ever padded
+    on the left: each row decodes exactly as it would alone. ``sampling`` takes
+    ``generate``'s ``temperature``, ``top_k``, ``top_p`` and ``seed``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    by_length: dict[int, list[int]] = collections.defaultdict(list)
+    for i, p in enumerate(prompts):
+        by_length[len(p)].append(i)
+    out: list[list[int]] = [[] for _ in prompts]
+    for t0, members in sorted(by_length.items()):
+        for k in range(0, len(members), batch_size):
+            rows = members[k : k + batch_size]
+            ids = np.asarray([prompts[i] for i in rows], np.int32)  # [b, T0]
+            ids = np.concatenate([ids, np.repeat(ids[:1], batch_size - len(rows), axis=0)])
+            tokens = generate(
+                model, ids, max_new_tokens, eos_id=eos_id, stop=stop, **sampling
+            )  # [batch_size, T0 + n]
+            for r, i in enumerate(rows):
+                new = [int(t) for t in tokens[r, t0:]]
+                out[i] = new[: new.index(eos_id)] if eos_id in new else new
+    return out

@@ -89,6 +89,25 @@ def test_compiles_once_per_bucket(rng: np.random.Generator) -> None:
     assert G.TRACES == {(2, 8, 16): 1, (2, 4, 8): 1}
 
 
+def test_generate_many_equals_one_by_one(rng: np.random.Generator, x64: None) -> None:
+    name = "llama-gqa-rope3"
+    cfg = CONFIGS[name]
+    params = random_params(cfg, rng)
+    model = engine(params, name)
+    prompts = [[int(t) for t in rng.integers(0, V, size=n)] for n in (5, 3, 5, 7, 5, 3)]
+    free = [R.generate(params, cfg, np.asarray([p]), 6)[0, len(p) :] for p in prompts]
+    eos = int(free[0][2])  # prompt 0 stops at its third token
+    G.TRACES.clear()
+    got = G.generate_many(model, prompts, 6, batch_size=2, eos_id=eos)
+    for p, g in zip(prompts, got, strict=True):
+        want = R.generate(params, cfg, np.asarray([p]), 6, eos_id=eos)[0, len(p) :].tolist()
+        assert g == (want[: want.index(eos)] if eos in want else want)
+    assert len(got[0]) <= 2  # stopped at the eos, which is not returned
+    assert set(G.TRACES) <= {(2, 4, 8), (2, 8, 16)}  # the group of three: 2 + 1 padded rows
+    with pytest.raises(ValueError, match="batch_size"):
+        G.generate_many(model, prompts, 6, batch_size=0)
+
+
 def test_eos_equals_spec(rng: np.random.Generator, x64: None) -> None:
     name = "gpt2"
     cfg = CONFIGS[name]
