@@ -45,8 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--no-double-quant", action="store_true", help="keep the absmax in float32")
     quant.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    train = sub.add_parser("train", help="fine-tune a model on a JSONL file (full, LoRA, QLoRA)")
+    train = sub.add_parser(
+        "train",
+        help="fine-tune a model on a JSONL file (full, LoRA, QLoRA); without --model and "
+        "--data: QLoRA on the bundled base model and task",
+    )
     add_train_flags(train)
+
+    from .demo import DemoConfig
+    from .pretrain import PretrainConfig
+
+    pre = sub.add_parser(
+        "pretrain", help="train a small base model from scratch (tokenizer included)"
+    )
+    add_flags(pre, PretrainConfig)
+    demo = sub.add_parser(
+        "demo",
+        help="prompting vs LoRA vs QLoRA on the bundled base model and task, with a report",
+    )
+    add_flags(demo, DemoConfig)
 
     ev = sub.add_parser("eval", help="mean token loss and perplexity of a model on a JSONL file")
     ev.add_argument("--model", required=True, help="model directory (Hugging Face)")
@@ -100,22 +117,39 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     from .train import TrainConfig
 
     p.add_argument("--config", help="TOML / YAML / JSON file with the same keys as the flags")
-    for f in dataclasses.fields(TrainConfig):
+    add_flags(p, TrainConfig)
+
+
+def add_flags(p: argparse.ArgumentParser, cls: Any) -> None:
+    """One flag per field of the dataclass ``cls``, its help the field's comment; unset
+    flags parse as None (so a config file or the dataclass default applies)."""
+    comments = field_comments(cls)
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
+        required = f.default is dataclasses.MISSING
+        default = "required" if required else f"default: {f.default!r}"
+        text = f"{comments.get(f.name, '')} ({default})".lstrip()
         if kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif "tuple" in kind:
-            p.add_argument(flag, nargs="+", default=None, metavar="NAME")
+            p.add_argument(flag, nargs="+", default=None, metavar="NAME", help=text)
         else:
-            cast = int if kind.startswith("int") else float if kind == "float" else str
-            required = f.default is dataclasses.MISSING
-            p.add_argument(
-                flag,
-                type=cast,
-                default=None,
-                help="required" if required else f"default: {f.default!r}",
-            )
+            cast = int if kind.startswith("int") else float if kind.startswith("float") else str
+            p.add_argument(flag, type=cast, default=None, help=text)
+
+
+def field_comments(cls: Any) -> dict[str, str]:
+    """``{field: the comment after it}`` from the dataclass's source (its documentation)."""
+    import inspect
+    import re
+
+    pattern = re.compile(r"^\s+(\w+):[^#]*#\s*(.+)$")
+    return {
+        m.group(1): m.group(2).strip()
+        for line in inspect.getsource(cls).splitlines()
+        if (m := pattern.match(line))
+    }
 
 
 def _read_config(path: str) -> dict:
@@ -150,12 +184,29 @@ def train_config(args: argparse.Namespace) -> Any:
                 raise ValueError(f"{args.config}: unknown key {key!r}")
             values[name] = value
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    if "model" not in values and "data" not in values:  # the bundled base model and task
+        from .demo import BASE, RECIPE, TASK_TRAIN
+
+        values = {
+            "model": str(BASE),
+            "data": str(TASK_TRAIN),
+            "out": "qlora-spec-train",
+            "method": "qlora",
+            **RECIPE,
+            **values,
+        }
     for need in ("model", "data", "out"):
         if need not in values:
             raise ValueError(f"train: --{need} is required (as a flag or in --config)")
     if "targets" in values:
         values["targets"] = tuple(values["targets"])
     return TrainConfig(**values)
+
+
+def _fields(args: argparse.Namespace, cls: Any) -> dict[str, Any]:
+    """The flags given for the dataclass ``cls``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
 def _eval(args: argparse.Namespace) -> dict:
@@ -265,6 +316,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"qlora-spec train: {e}", file=sys.stderr)
                 return 3
             print(json.dumps(summary))
+        elif args.command == "pretrain":
+            from .pretrain import PretrainConfig, pretrain
+
+            pc = _fields(args, PretrainConfig)
+            if "out" not in pc:
+                raise ValueError("pretrain: --out is required")
+            print(json.dumps(pretrain(PretrainConfig(**pc))))
+        elif args.command == "demo":
+            from .demo import DemoConfig
+            from .demo import main as demo_main
+
+            demo_main(DemoConfig(**_fields(args, DemoConfig)))
         elif args.command == "eval":
             print(json.dumps(_eval(args)))
         elif args.command == "generate":
@@ -273,6 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _memory(args.params, args.blocksize)
         else:
             parser.print_help()
+            return 0
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"qlora-spec {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -507,17 +507,24 @@ def _peak_memory() -> int | None:
 
 def plot_loss(metrics: Path, png: Path) -> None:
     """Train (and eval) loss against step, as a PNG."""
+    plot_losses({"train": metrics}, png, eval_curves=True)
+
+
+def plot_losses(runs: dict[str, Path], png: Path, eval_curves: bool = False) -> None:
+    """The train loss of each run's ``metrics.jsonl`` against step (and its eval loss, where
+    logged, with ``eval_curves``), as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
-    ev = [r for r in rows if "eval_loss" in r]
-    if ev:
-        ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval")
+    for label, metrics in runs.items():
+        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label)
+        ev = [r for r in rows if "eval_loss" in r]
+        if eval_curves and ev:
+            ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval")
     ax.set_xlabel("step")
     ax.set_ylabel("mean token loss")
     ax.grid(alpha=0.3)

@@ -1,0 +1,193 @@
+"""``qlora-spec pretrain``: a base model trained from scratch by the same engine.
+
+The run is three steps, each reproducible from the config alone:
+
+1. the corpus: ``jax_impl.corpus`` documents (or the ``text`` lines of a JSONL file);
+2. a byte-level BPE tokenizer trained on it (``tokenizers``), digits kept one per token so
+   numbers are spelled digit by digit;
+3. a Llama-family model initialised by the spec (``ref_numpy.model.init_params``) and fully
+   trained on the packed corpus by ``jax_impl.train.run``.
+
+The output is a Hugging Face model directory (``config.json``, ``model.safetensors``,
+``tokenizer.json``, ``tokenizer_config.json``) with the run's metrics, loss curve and config.
+The model shipped in ``jax_impl/assets/base`` is ``qlora-spec pretrain`` with the defaults
+below (see ``docs/demo.md``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from ref_numpy import hf_io
+from ref_numpy.config import ModelConfig, llama_config
+from ref_numpy.model import init_params
+
+from . import corpus
+from .data import read_jsonl
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+# Words with their leading space, single digits, runs of other symbols, whitespace.
+SPLIT = r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Everything ``qlora-spec pretrain`` takes; field names are the flags."""
+
+    out: str  # output model directory
+    data: str | None = None  # JSONL with "text" fields; default: the generated corpus
+    docs: int = 60_000  # documents of the generated corpus
+    corpus_seed: int = 0  # seed of the generated corpus
+    vocab_size: int = 1024  # BPE vocabulary, special tokens included
+    d_model: int = 192  # D
+    n_layers: int = 4  # decoder blocks
+    n_heads: int = 4  # N query heads
+    n_kv_heads: int = 2  # K key/value heads (grouped-query attention)
+    d_ff: int = 512  # F, SwiGLU hidden width
+    max_length: int = 256  # tokens per packed row, and the model's context
+    steps: int = 800  # optimizer steps
+    batch_size: int = 16  # rows per step
+    lr: float = 3e-3  # peak learning rate
+    warmup: int = 80  # warmup steps
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    init_std: float = 0.02  # normal init of every matrix
+    seed: int = 0  # init and data order
+    overwrite: bool = False  # replace an existing --out
+
+    def __post_init__(self) -> None:
+        for name in ("docs", "vocab_size", "d_model", "n_layers", "n_heads", "steps"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"PretrainConfig.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"PretrainConfig: n_heads {self.n_heads} must divide d_model {self.d_model}, "
+                f"and n_kv_heads {self.n_kv_heads} must divide n_heads"
+            )
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> tokenizers.Tokenizer:
+    """A byte-level BPE tokenizer of ``vocab_size`` ids (bos, eos, pad first) over ``texts``.
+
+    Every byte is in the alphabet, so any string encodes, and ``decode(encode(s)) == s``.
+    """
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(tokenizers.Regex(SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tok
+
+
+def model_config(pc: PretrainConfig, vocab_size: int) -> ModelConfig:
+    """The Llama-family architecture of the pretrained model (tied embeddings, GQA)."""
+    return llama_config(
+        vocab_size=vocab_size,
+        d_model=pc.d_model,
+        n_layers=pc.n_layers,
+        n_heads=pc.n_heads,
+        n_kv_heads=pc.n_kv_heads,
+        d_ff=pc.d_ff,
+        max_seq_len=pc.max_length,
+        tie_embeddings=True,
+    )
+
+
+def write_init(pc: PretrainConfig, texts: list[str], out_dir: Path) -> ModelConfig:
+    """The untrained model directory: tokenizer files and spec-initialised weights."""
+    tok = train_tokenizer(texts, pc.vocab_size)
+    cfg = model_config(pc, tok.get_vocab_size(with_added_tokens=True))
+    out_dir.mkdir(parents=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    hf_io.write_json(
+        out_dir / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            "model_max_length": pc.max_length,
+        },
+    )
+    params = init_params(cfg, np.random.default_rng(pc.seed), std=pc.init_std)
+    hf_io.save_model(params, cfg, out_dir / "init", tokenizer_from=out_dir)
+    for f in (out_dir / "init").iterdir():
+        f.replace(out_dir / f.name)
+    (out_dir / "init").rmdir()
+    return cfg
+
+
+def corpus_texts(pc: PretrainConfig) -> list[str]:
+    """The documents to pretrain on."""
+    if pc.data is None:
+        return list(corpus.corpus(pc.docs, seed=pc.corpus_seed))
+    rows = read_jsonl(pc.data)
+    for i, r in enumerate(rows, 1):
+        if not isinstance(r.get("text"), str):
+            raise ValueError(f"{pc.data}:{i}: expected an object with a string field 'text'")
+    return [r["text"] for r in rows]
+
+
+def recorded_config(pc: PretrainConfig) -> dict[str, Any]:
+    """What ``pretrain_config.json`` records: every field that decides the model."""
+    return {k: v for k, v in dataclasses.asdict(pc).items() if k not in ("out", "overwrite")}
+
+
+def pretrain(pc: PretrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Corpus, tokenizer, init, then full training into ``pc.out``; returns the summary."""
+    from .train import TrainConfig, run
+
+    out = Path(pc.out)
+    if out.exists() and not pc.overwrite:
+        raise FileExistsError(f"{out}: exists (pass --overwrite to replace it)")
+    work = out.parent / f".{out.name}.pretrain"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    try:
+        texts = corpus_texts(pc)
+        data = work / "corpus.jsonl"
+        with data.open("w") as f:
+            for t in texts:
+                f.write(json.dumps({"text": t}) + "\n")
+        write_init(pc, texts, work / "init")
+        tc = TrainConfig(
+            model=str(work / "init"),
+            data=str(data),
+            out=str(work / "model"),
+            method="full",
+            lr=pc.lr,
+            warmup=pc.warmup,
+            weight_decay=pc.weight_decay,
+            batch_size=pc.batch_size,
+            max_length=pc.max_length,
+            steps=pc.steps,
+            seed=pc.seed,
+            checkpoint_interval=max(pc.steps // 4, 1),
+        )
+        summary = run(tc, progress=progress)
+        with hf_io.atomic_dir(out, pc.overwrite) as tmp:
+            for item in (work / "model").iterdir():
+                if item.name != "train_config.json":  # its paths were the work dir's
+                    shutil.move(item, tmp / item.name)
+            hf_io.write_json(tmp / "pretrain_config.json", recorded_config(pc))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return summary

@@ -1,0 +1,87 @@
+"""The embedded default: ``qlora-spec train`` with no arguments, and a short ``qlora-spec
+demo`` in which LoRA and QLoRA fine-tuning beat zero- and few-shot prompting of the base."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jax_impl.cli import build_parser, main, train_config
+from jax_impl.demo import BASE, RECIPE, TASK_TRAIN, DemoConfig, answer, run_demo, table
+from ref_numpy import hf_io
+from ref_numpy.model import attn_shapes, mlp_shapes
+
+# The fast version: fewer steps and held-out examples than the full demo's.
+FAST_STEPS, FAST_HELDOUT = 200, 50
+
+
+def test_train_without_model_and_data_is_the_bundled_qlora_recipe() -> None:
+    tc = train_config(build_parser().parse_args(["train"]))
+    assert (tc.model, tc.data, tc.out, tc.method) == (
+        str(BASE),
+        str(TASK_TRAIN),
+        "qlora-spec-train",
+        "qlora",
+    )
+    assert all(getattr(tc, k) == v for k, v in RECIPE.items())
+    tc = train_config(build_parser().parse_args(["train", "--method", "lora", "--steps", "3"]))
+    assert (tc.model, tc.method, tc.steps, tc.lr) == (str(BASE), "lora", 3, RECIPE["lr"])
+    with pytest.raises(ValueError, match="--model is required"):
+        train_config(build_parser().parse_args(["train", "--data", "d.jsonl"]))
+
+
+def test_demo_flags_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--heldout", "201"]) == 2
+    assert "DemoConfig.heldout: expected 1 <= heldout <= 200, got 201" in capsys.readouterr().err
+    assert main(["demo", "--steps", "0"]) == 2
+    assert "DemoConfig.steps" in capsys.readouterr().err
+
+
+def test_answer_is_the_first_line_stripped() -> None:
+    assert answer(" 2021-03-05\n\nAda moved") == "2021-03-05"
+    assert answer("") == ""
+
+
+@pytest.mark.slow
+def test_train_with_no_arguments_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--steps", "2"]) == 0
+    out = tmp_path / "qlora-spec-train"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == RECIPE["rank"] and config["base_model_name_or_path"] == str(BASE)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+@pytest.mark.slow
+def test_fine_tuning_beats_prompting(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    results = run_demo(
+        DemoConfig(out=str(out), steps=FAST_STEPS, heldout=FAST_HELDOUT), log=lambda _: None
+    )
+    by = {r.method: r for r in results}
+    assert list(by) == ["zero-shot prompt", "3-shot prompt", "LoRA", "QLoRA"]
+    prompting = max(by["zero-shot prompt"].exact_match, by["3-shot prompt"].exact_match)
+    for tuned in (by["LoRA"], by["QLoRA"]):
+        assert tuned.exact_match >= prompting + 0.25, table(results)
+        assert len(tuned.answers) == FAST_HELDOUT
+
+    cfg = hf_io.load_config(BASE)
+    shapes = [*attn_shapes(cfg).values(), *mlp_shapes(cfg).values()]
+    adapters = cfg.n_layers * sum(RECIPE["rank"] * (i + o) for i, o in shapes)
+    assert by["LoRA"].trainable_params == by["QLoRA"].trainable_params == adapters
+    assert by["zero-shot prompt"].trainable_params == 0
+    float_bytes = 4 * hf_io.n_params(cfg)
+    assert by["zero-shot prompt"].base_weight_bytes == float_bytes
+    assert by["LoRA"].base_weight_bytes == float_bytes
+    assert by["QLoRA"].base_weight_bytes < 0.45 * float_bytes  # 4-bit projections
+
+    report = (out / "report.md").read_text()
+    assert table(results) in report
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for method in ("lora", "qlora"):
+        assert (out / method / "adapter_model.safetensors").is_file()
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["exact_match"] for r in saved["results"]] == [r.exact_match for r in results]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # nothing half-written
