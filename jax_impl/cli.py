@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser(
         "merge", help="fold a PEFT LoRA adapter into its base and write a Hugging Face model"
     )
-    merge.add_argument("--model", required=True, help="base model directory (Hugging Face)")
+    merge.add_argument(
+        "--model", help="base model directory (Hugging Face); default: the adapter's base"
+    )
     merge.add_argument("--adapter", required=True, help="PEFT adapter directory")
     merge.add_argument("--out", required=True, help="output directory")
     merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -66,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(demo, DemoConfig)
 
     ev = sub.add_parser("eval", help="mean token loss and perplexity of a model on a JSONL file")
-    ev.add_argument("--model", required=True, help="model directory (Hugging Face)")
+    ev.add_argument(
+        "--model", help="base model directory (Hugging Face); default: the adapter's base"
+    )
     ev.add_argument("--adapter", help="PEFT adapter directory")
     ev.add_argument("--data", required=True, help="JSONL file")
     ev.add_argument(
@@ -81,12 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="jax",
         help="numpy runs the specification itself",
     )
-    ev.add_argument("--max-length", type=int, default=512)
+    ev.add_argument(
+        "--max-length", type=int, help="tokens per example (default: the model's, at most 512)"
+    )
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--train-on-prompt", action="store_true")
 
     gen = sub.add_parser("generate", help="continue a prompt with a model (and an adapter)")
-    gen.add_argument("--model", required=True, help="model directory (Hugging Face)")
+    gen.add_argument(
+        "--model", help="base model directory (Hugging Face); default: the adapter's base"
+    )
     gen.add_argument("--adapter", help="PEFT adapter directory")
     gen.add_argument("--prompt", required=True, help="the prompt text (the user turn in --chat)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
@@ -203,6 +211,25 @@ def train_config(args: argparse.Namespace) -> Any:
     return TrainConfig(**values)
 
 
+def _base_model(args: argparse.Namespace) -> str:
+    """``--model``, or the local base directory the ``--adapter`` was trained on."""
+    if args.model is not None:
+        return str(args.model)
+    if args.adapter is None:
+        raise ValueError(f"{args.command}: --model is required (or an --adapter to take it from)")
+    from pathlib import Path
+
+    path = Path(args.adapter) / "adapter_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no adapter config (is --adapter a PEFT adapter?)")
+    base = json.loads(path.read_text()).get("base_model_name_or_path")
+    if not isinstance(base, str) or not Path(base).is_dir():
+        raise ValueError(
+            f"{path}: base_model_name_or_path {base!r} is not a local directory; pass --model"
+        )
+    return base
+
+
 def _fields(args: argparse.Namespace, cls: Any) -> dict[str, Any]:
     """The flags given for the dataclass ``cls``."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -291,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in ("merge", "eval", "generate"):
+            args.model = _base_model(args)
         if args.command == "merge":
             from ref_numpy.peft_io import merge_adapter
 

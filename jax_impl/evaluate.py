@@ -17,7 +17,7 @@ from ref_numpy.model import causal_lm_loss, model_forward
 
 from .checkpoint import load_pretrained
 from .data import batches as make_batches
-from .data import encode_file, unpacked_rows
+from .data import bucket_lengths, encode_file, unpacked_rows
 from .model import EngineConfig
 from .train import token_loss_sum
 
@@ -29,16 +29,19 @@ def evaluate_file(
     adapter: str | Path | None = None,
     method: Literal["full", "lora", "qlora"] = "lora",
     backend: Literal["jax", "numpy"] = "jax",
-    max_length: int = 512,
+    max_length: int | None = None,
     batch_size: int = 4,
     train_on_prompt: bool = False,
 ) -> tuple[float, int]:
     """``(mean loss over all counted tokens of the file, counted tokens)``.
 
-    Examples longer than ``max_length`` are truncated. ``method="qlora"`` quantizes the base
+    Examples longer than ``max_length`` (default: the model's context, at most 512) are
+    truncated. ``method="qlora"`` quantizes the base
     to NF4 as it loads (an NF4 checkpoint is always read as NF4).
     """
     cfg = hf_io.load_config(model_dir)
+    if max_length is None:
+        max_length = min(512, cfg.max_seq_len)
     if max_length > cfg.max_seq_len:
         raise ValueError(
             f"--max-length {max_length} exceeds the model's max_position_embeddings "
@@ -48,7 +51,7 @@ def evaluate_file(
         model_dir, data, cfg.vocab_size, max_length, train_on_prompt=train_on_prompt
     )
     rows = unpacked_rows(encoded)
-    buckets = [max_length]
+    buckets = bucket_lengths(max_length)
     total, count = 0.0, 0
     if backend == "jax":
         eng = EngineConfig(quantize=method == "qlora")

@@ -52,6 +52,23 @@ def test_train_with_no_arguments_runs(tmp_path: Path, monkeypatch: pytest.Monkey
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == RECIPE["rank"] and config["base_model_name_or_path"] == str(BASE)
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    # the adapter knows its base: generate and eval need no --model
+    assert main(["generate", "--adapter", str(out), "--method", "qlora", "--prompt", "Ada"]) == 0
+    assert (
+        main(["eval", "--adapter", str(out), "--method", "qlora", "--data", str(TASK_TRAIN)]) == 0
+    )
+
+
+def test_model_comes_from_the_adapter_or_is_required(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["generate", "--prompt", "x"]) == 2
+    assert "--model is required (or an --adapter" in capsys.readouterr().err
+    assert main(["generate", "--adapter", str(tmp_path), "--prompt", "x"]) == 2
+    assert "no adapter config" in capsys.readouterr().err
+    (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "org/model"}')
+    assert main(["eval", "--adapter", str(tmp_path), "--data", "d.jsonl"]) == 2
+    assert "'org/model' is not a local directory; pass --model" in capsys.readouterr().err
 
 
 @pytest.mark.slow
