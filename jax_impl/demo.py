@@ -235,6 +235,13 @@ def write_report(
         "",
         "![train loss](loss.png)",
         "",
+        "Ask the QLoRA fine-tune yourself (the adapter records its base model):",
+        "",
+        "```bash",
+        f"qlora-spec generate --adapter {dc.out}/qlora --method qlora \\",
+        "    --prompt $'Ada moved to Lowmoor on 1 May 1990.\\nDate as YYYY-MM-DD:'",
+        "```",
+        "",
         "## First held-out examples",
         "",
         "| sentence | expected | " + " | ".join(r.method for r in results) + " |",
@@ -259,5 +266,9 @@ def main(dc: DemoConfig) -> list[Result]:
     results = run_demo(dc)
     print()
     print(table(results))
-    print(f"\nwrote {dc.out}/report.md ({time.perf_counter() - t:.0f} s in all)")
+    print(f"\nwrote {dc.out}/report.md ({time.perf_counter() - t:.0f} s in all); try")
+    print(
+        f"  qlora-spec generate --adapter {dc.out}/qlora --method qlora "
+        "--prompt $'Ada moved to Lowmoor on 1 May 1990.\\nDate as YYYY-MM-DD:'"
+    )
     return results
