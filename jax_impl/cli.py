@@ -255,13 +255,12 @@ def _eval(args: argparse.Namespace) -> dict:
 
 
 def _generate(args: argparse.Namespace) -> str:
-    import numpy as np
 
     from ref_numpy.hf_io import load_config
 
     from .checkpoint import load_pretrained
     from .data import load_chat_template, load_tokenizer, render_chat
-    from .generate import generate
+    from .generate import generate_many
     from .model import EngineConfig
 
     cfg = load_config(args.model)
@@ -281,20 +280,18 @@ def _generate(args: argparse.Namespace) -> str:
     _, model = load_pretrained(
         args.model, None, EngineConfig(quantize=args.method == "qlora"), adapter_dir=args.adapter
     )
-    out = generate(
+    new = generate_many(
         model,
-        np.asarray([ids], np.int32),
+        [ids],
         args.max_new_tokens,
+        batch_size=1,
+        eos_id=tok.eos_id,
+        stop=[tok.encode(s) for s in args.stop] or None,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
-        eos_id=tok.eos_id,
-        stop=[tok.encode(s) for s in args.stop] or None,
-    )
-    new = [int(t) for t in out[0, len(ids) :]]
-    if tok.eos_id is not None and tok.eos_id in new:
-        new = new[: new.index(tok.eos_id)]
+    )[0]
     completion = tok.decode(new)
     for s in args.stop:
         if s in completion:

@@ -148,8 +148,7 @@ def run_demo(dc: DemoConfig, log: Any = print) -> list[Result]:
     out = Path(dc.out)
     if out.exists() and not dc.overwrite:
         raise FileExistsError(f"{out}: exists (pass --overwrite to replace it)")
-    cfg = hf_io.load_config(BASE)
-    tok = load_tokenizer(BASE, vocab_size=cfg.vocab_size)
+    tok = load_tokenizer(BASE)
     held = read_jsonl(TASK_HELDOUT)[: dc.heldout]
     shots = read_jsonl(TASK_TRAIN)[: dc.shots]
     targets = [e["completion"] for e in held]

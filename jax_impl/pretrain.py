@@ -63,7 +63,15 @@ class PretrainConfig:
     overwrite: bool = False  # replace an existing --out
 
     def __post_init__(self) -> None:
-        for name in ("docs", "vocab_size", "d_model", "n_layers", "n_heads", "steps"):
+        for name in (
+            "docs",
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "steps",
+        ):
             if not getattr(self, name) >= 1:
                 raise ValueError(f"PretrainConfig.{name}: expected >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
@@ -114,7 +122,8 @@ def write_init(pc: PretrainConfig, texts: list[str], out_dir: Path) -> ModelConf
     """The untrained model directory: tokenizer files and spec-initialised weights."""
     tok = train_tokenizer(texts, pc.vocab_size)
     cfg = model_config(pc, tok.get_vocab_size(with_added_tokens=True))
-    out_dir.mkdir(parents=True)
+    params = init_params(cfg, np.random.default_rng(pc.seed), std=pc.init_std)
+    hf_io.save_model(params, cfg, out_dir)
     tok.save(str(out_dir / "tokenizer.json"))
     hf_io.write_json(
         out_dir / "tokenizer_config.json",
@@ -126,11 +135,6 @@ def write_init(pc: PretrainConfig, texts: list[str], out_dir: Path) -> ModelConf
             "model_max_length": pc.max_length,
         },
     )
-    params = init_params(cfg, np.random.default_rng(pc.seed), std=pc.init_std)
-    hf_io.save_model(params, cfg, out_dir / "init", tokenizer_from=out_dir)
-    for f in (out_dir / "init").iterdir():
-        f.replace(out_dir / f.name)
-    (out_dir / "init").rmdir()
     return cfg
 
 

@@ -507,12 +507,12 @@ def _peak_memory() -> int | None:
 
 def plot_loss(metrics: Path, png: Path) -> None:
     """Train (and eval) loss against step, as a PNG."""
-    plot_losses({"train": metrics}, png, eval_curves=True)
+    plot_losses({"train": metrics}, png)
 
 
-def plot_losses(runs: dict[str, Path], png: Path, eval_curves: bool = False) -> None:
+def plot_losses(runs: dict[str, Path], png: Path) -> None:
     """The train loss of each run's ``metrics.jsonl`` against step (and its eval loss, where
-    logged, with ``eval_curves``), as one PNG."""
+    logged), as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -523,7 +523,7 @@ def plot_losses(runs: dict[str, Path], png: Path, eval_curves: bool = False) -> 
         rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label)
         ev = [r for r in rows if "eval_loss" in r]
-        if eval_curves and ev:
+        if ev:
             ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval")
     ax.set_xlabel("step")
     ax.set_ylabel("mean token loss")
