@@ -21,9 +21,13 @@ from .nf4 import NF4Kernel
 Array = jax.Array
 
 
-def dropout_mask(key: Array, shape: tuple[int, ...], rate: float, dtype: jnp.dtype) -> Array:
-    """Inverted-dropout mask of 0 and ``1/(1-rate)``, the spec's explicit ``dropout_mask``."""
-    keep = jax.random.bernoulli(key, 1.0 - rate, shape)
+def dropout_keep(key: Array, shape: tuple[int, ...], rate: float) -> Array:
+    """Which adapter inputs dropout keeps: boolean ``shape`` [..., I], True w.p. ``1 - rate``."""
+    return jax.random.bernoulli(key, 1.0 - rate, shape)
+
+
+def dropout_mask(keep: Array, rate: float, dtype: jnp.dtype) -> Array:
+    """Inverted dropout, as the spec's ``dropout_mask``: [..., I] of 0 and ``1/(1-rate)``."""
     return keep.astype(dtype) / (1.0 - rate)
 
 
@@ -96,6 +100,7 @@ class Dense(nnx.Module):
             return y
         xd = x
         if dropout_key is not None and self.rate > 0:
-            xd = x * dropout_mask(dropout_key, x.shape, self.rate, x.dtype)
+            keep = dropout_keep(dropout_key, x.shape, self.rate)  # [...,I]
+            xd = x * dropout_mask(keep, self.rate, x.dtype)  # [...,I]
         h = jnp.einsum("...I,IR->...R", xd, self.lora_A[...].astype(self.dtype))
         return y + self.scale * jnp.einsum("...R,RO->...O", h, self.lora_B[...].astype(self.dtype))

@@ -215,6 +215,21 @@ def unmerge_lora(
     return out
 
 
+def dropout_mask(keep: np.ndarray, rate: float) -> np.ndarray:
+    """Inverted dropout: kept inputs are scaled by ``1/(1-rate)``, dropped ones are 0.
+
+    The scaling keeps each input's expectation unchanged (``E[mask] = 1``), so nothing needs
+    rescaling when dropout is switched off for evaluation.
+
+    Args:
+      keep: boolean [..., I], True where the input is kept (probability ``1 - rate``).
+      rate: the dropout probability in [0, 1).
+    Returns:
+      float64 [..., I] of 0 and ``1/(1-rate)``.
+    """
+    return keep.astype(np.float64) / (1.0 - rate)  # [...,I]
+
+
 def dropout_masks(
     params: Params, rate: float, x_shape: tuple[int, ...], rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
@@ -225,5 +240,5 @@ def dropout_masks(
         if "lora_A" in p:
             d_in = p["lora_A"].shape[0]
             keep = rng.random((*x_shape, d_in)) >= rate  # [B,T,I]
-            masks[path] = keep / (1.0 - rate)  # [B,T,I]
+            masks[path] = dropout_mask(keep, rate)  # [B,T,I]
     return masks

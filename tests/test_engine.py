@@ -116,3 +116,20 @@ def test_engine_config_validation() -> None:
         EngineConfig(attn_impl="flash")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"EngineConfig.remat"):
         EngineConfig(remat="some")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3, 0.75])
+def test_dropout_mask_is_inverted_dropout(rate: float) -> None:
+    """The engine's mask holds 0 and 1/(1-rate) only, keeps about 1 - rate of the inputs, and
+    has mean 1 within four standard errors on a large draw (so E[dropout(x)] = x)."""
+    from jax_impl.lora import dropout_keep, dropout_mask
+
+    n = 400_000
+    keep = dropout_keep(jax.random.key(3), (n,), rate)
+    mask = np.asarray(dropout_mask(keep, rate, jnp.float32), np.float64)
+    values = np.unique(mask)
+    np.testing.assert_allclose(values, [0.0, 1.0 / (1.0 - rate)], rtol=1e-6)
+    kept = np.mean(mask > 0)
+    assert abs(kept - (1 - rate)) <= 4 * np.sqrt(rate * (1 - rate) / n), kept
+    std_err = np.sqrt(rate / (1 - rate) / n)  # the mask's std is sqrt(rate / (1 - rate))
+    assert abs(mask.mean() - 1.0) <= 4 * std_err, mask.mean()

@@ -15,7 +15,7 @@ from ref_numpy.model import loss_and_grads
 from ref_numpy.optim import adamw_init, adamw_update, clip_by_global_norm, warmup_cosine
 from tests.helpers import leaves
 from tests.test_model import V
-from tests.test_parity import engine, make_case
+from tests.test_parity import engine, make_case, spec_masks
 
 A, B, T = 2, 3, 7  # micro-batches, rows per micro-batch, positions
 
@@ -51,16 +51,33 @@ def batches(rng: np.random.Generator, n: int) -> list[dict[str, np.ndarray]]:
     return out
 
 
+def step_masks(
+    params: dict, cfg: Any, rate: float, seed: int, step: int
+) -> dict[str, np.ndarray] | None:
+    """The spec's dropout masks ``{path: [A*B, T, I]}`` for the trainer's step ``step``: its key
+    is ``fold_in(key(seed), step)`` and micro-batch i's ``fold_in(that, i)``."""
+    if rate == 0:
+        return None
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    per_micro = [
+        spec_masks(jax.random.fold_in(key, i), params, cfg, rate, (B, T)) for i in range(A)
+    ]
+    return {path: np.concatenate([m[path] for m in per_micro]) for path in per_micro[0]}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_steps_equal_the_spec(method: str) -> None:
+    """Three steps with accumulation, clipping, weight decay and (for adapters) dropout."""
     with jax.enable_x64(True):
         rng = np.random.default_rng(21)
-        params, cfg, lcfg = make_case("llama-gqa-rope3", method, rng, spread=0.3)
+        rate = 0.0 if method == "full" else 0.25
+        params, cfg, lcfg = make_case("llama-gqa-rope3", method, rng, dropout=rate, spread=0.3)
         opt = OptimConfig(
             lr=3e-2, warmup_steps=1, total_steps=4, weight_decay=0.1, max_grad_norm=0.5
         )
-        trainer = Trainer.create(engine(params, cfg, lcfg, jnp.float64, method), opt)
+        model = engine(params, cfg, lcfg, jnp.float64, method)
+        trainer = Trainer.create(model, opt, dropout_seed=5)
         scale = 0.0 if lcfg is None else lcfg.scale
         data = batches(rng, 3)
         state = None
@@ -74,6 +91,7 @@ def test_steps_equal_the_spec(method: str) -> None:
                 whole["labels"],
                 attention_mask_2d=whole["attention_mask"],
                 lora_scale=scale,
+                dropout=step_masks(params, cfg, rate, 5, step),
             )
             assert float(metrics["loss"]) == pytest.approx(loss, rel=1e-10)
             grads, norm = clip_by_global_norm(grads, opt.max_grad_norm)

@@ -35,7 +35,7 @@ from ref_numpy.hf_io import load_config, module_name
 from ref_numpy.lora import projections
 from ref_numpy.model import model_forward
 from ref_numpy.nf4 import DYNAMIC_MAP, NF4_CODE, NF4Tensor, dequantize_nf4, quantize_blockwise
-from tests.helpers import HF_RTOL, rel_err
+from tests.helpers import HF_RTOL, RTOL, rel_err
 
 torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes")
@@ -56,7 +56,8 @@ OFFSET_ULPS = 2  # torch's float32 mean vs our float64 mean rounded once
 CPU_MISS_FRACTION = 0.02  # bnb's C++ 8-bit kernel: codes that are not the nearest (measured ~0.5%)
 
 # (family, model dtype, double quant). Odd sizes: Llama d_ff 701 gives 263 blocks per MLP weight
-# (two nested blocks); GPT-2 head_dim 5 gives odd value counts (a padding nibble).
+# (two nested blocks); GPT-2 head_dim 5 gives odd value counts (a padding nibble). These compare
+# bytes and never run bnb's 4-bit matmul.
 CASES = [
     ("llama", "float32", True),
     ("llama", "float32", False),
@@ -66,47 +67,56 @@ CASES = [
 ]
 
 
-def _hf_model(family: str):
+# Shapes of the models that transformers' 4-bit forward runs on. bitsandbytes' CPU kernel (used
+# where the CPU has AVX-512 BF16 or AMX) repacks each 4-bit weight in tiles of 32 output rows
+# and keeps one absmax per 64 inputs, so every projection's input and output width here is a
+# multiple of 64: Llama q/o 128, k/v 2 x 32 = 64, MLP 192; GPT-2 c_attn 192, c_fc 128.
+KERNEL_SHAPES = {
+    "llama": dict(hidden_size=128, num_attention_heads=4, intermediate_size=192),
+    "gpt2": dict(n_embd=64, n_head=4, n_inner=128),
+}
+ODD_SHAPES = {
+    "llama": dict(hidden_size=24, num_attention_heads=4, intermediate_size=701),
+    "gpt2": dict(n_embd=15, n_head=3, n_inner=33),
+}
+
+
+def _hf_model(family: str, shapes: str = "odd"):
+    """A tiny random model: ``shapes`` "odd" for byte-level checks, "kernel" for bnb's matmul."""
     torch.manual_seed(0)
+    sizes = (KERNEL_SHAPES if shapes == "kernel" else ODD_SHAPES)[family]
     if family == "llama":
         cfg = transformers.LlamaConfig(
             vocab_size=37,
-            hidden_size=24,
             num_hidden_layers=2,
-            num_attention_heads=4,
             num_key_value_heads=2,
-            intermediate_size=701,
             max_position_embeddings=16,
             bos_token_id=1,
             eos_token_id=2,
+            **sizes,
         )
         return transformers.LlamaForCausalLM(cfg)
     cfg = transformers.GPT2Config(
-        vocab_size=37,
-        n_embd=15,
-        n_layer=2,
-        n_head=3,
-        n_inner=33,
-        n_positions=16,
-        bos_token_id=1,
-        eos_token_id=2,
+        vocab_size=37, n_layer=2, n_positions=16, bos_token_id=1, eos_token_id=2, **sizes
     )
     return transformers.GPT2LMHeadModel(cfg)
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """``get(family, dtype, dq) -> (float dir, transformers' NF4 dir, our NF4 dir)``, cached."""
+    """``get(family, dtype, dq, shapes="odd") -> (float dir, transformers' NF4 dir, our NF4
+    dir)``, cached."""
     root = tmp_path_factory.mktemp("bnb_ckpt")
     cache: dict[tuple, tuple[Path, Path, Path]] = {}
 
-    def get(family: str, dtype: str, dq: bool) -> tuple[Path, Path, Path]:
-        key = (family, dtype, dq)
+    def get(family: str, dtype: str, dq: bool, shapes: str = "odd") -> tuple[Path, Path, Path]:
+        key = (family, dtype, dq, shapes)
         if key not in cache:
-            fp = root / f"{family}_{dtype}"
+            name = f"{family}_{shapes}_{dtype}"
+            fp = root / name
             if not fp.exists():
-                _hf_model(family).to(getattr(torch, dtype)).save_pretrained(fp)
-            theirs = root / f"{family}_{dtype}_{dq}_theirs"
+                _hf_model(family, shapes).to(getattr(torch, dtype)).save_pretrained(fp)
+            theirs = root / f"{name}_{dq}_theirs"
             qc = transformers.BitsAndBytesConfig(
                 load_in_4bit=True,
                 bnb_4bit_quant_type="nf4",
@@ -117,7 +127,7 @@ def checkpoints(tmp_path_factory):
                 fp, quantization_config=qc, device_map="cpu"
             )
             model.save_pretrained(theirs)
-            ours = bnb_io.quantize_model(fp, root / f"{family}_{dtype}_{dq}_ours", double_quant=dq)
+            ours = bnb_io.quantize_model(fp, root / f"{name}_{dq}_ours", double_quant=dq)
             cache[key] = (fp, theirs, ours)
         return cache[key]
 
@@ -295,32 +305,51 @@ def test_bnb_parses_our_checkpoint(checkpoints, family, dtype, dq):
         )
 
 
-def _hf_logits(model_dir: Path, ids: np.ndarray) -> np.ndarray:
+# bnb's two CPU paths for a 4-bit linear. "fused": the module in eval mode without autograd, as
+# for inference; on CPUs with AVX-512 BF16 bnb repacks the weight and runs its fused kernel, which
+# rounds activations and absmax to bfloat16 (bf16 tolerance there; elsewhere this is the float32
+# path). "dequantize": the 4-bit modules alone in train mode (dropout stays off), where bnb
+# dequantizes to float32 and multiplies.
+KERNELS = ["fused", "dequantize"]
+
+
+def _fused_kernel_is_bf16() -> bool:
+    return bool(bnb.functional.has_avx512bf16())
+
+
+def _hf_logits(model_dir: Path, ids: np.ndarray, kernel: str) -> np.ndarray:
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, device_map="cpu", output_loading_info=True
     )
     assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     linear4bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert linear4bit and all(m.weight.quant_state is not None for m in linear4bit)
-    try:
-        with torch.no_grad():
-            return model(torch.from_numpy(ids)).logits.float().numpy()
-    except (RuntimeError, NotImplementedError) as e:  # pragma: no cover - depends on the build
-        pytest.skip(f"transformers cannot run a bnb 4-bit model on this CPU: {e}")
+    model.eval()
+    for m in linear4bit:
+        m.train(kernel == "dequantize")
+    # No skip: whichever CPU kernel bitsandbytes picks must run these shapes, and an error from
+    # inside it is a failure to look at, not a pass.
+    with torch.no_grad():
+        logits = model(torch.from_numpy(ids)).logits.float().numpy()
+    packed = [getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in linear4bit]
+    assert all(packed) == (kernel == "fused" and _fused_kernel_is_bf16()), packed
+    return logits
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("family, dq", [("llama", True), ("llama", False), ("gpt2", True)])
 @pytest.mark.parametrize("which", ["theirs", "ours"])
-def test_logits_match_transformers_4bit_model(checkpoints, family, dq, which):
-    """transformers' 4-bit model (float32 compute) on either file vs our forward on it."""
-    _, theirs_dir, ours_dir = checkpoints(family, "float32", dq)
+def test_logits_match_transformers_4bit_model(checkpoints, family, dq, which, kernel):
+    """transformers' 4-bit model on either file vs our float32 forward on it."""
+    _, theirs_dir, ours_dir = checkpoints(family, "float32", dq, shapes="kernel")
     model_dir = theirs_dir if which == "theirs" else ours_dir
     cfg, params = bnb_io.load_nf4_model(model_dir)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(3, 7))
-    want = _hf_logits(model_dir, ids)
+    want = _hf_logits(model_dir, ids, kernel)
     got, _ = model_forward(params, cfg, ids)
     assert got.dtype == np.float32
-    assert rel_err(got, want) <= HF_RTOL
+    bf16 = kernel == "fused" and _fused_kernel_is_bf16()
+    assert rel_err(got, want) <= (RTOL["bfloat16"] if bf16 else HF_RTOL)
 
 
 def test_cpu_absmax_agrees_with_spec_quantize_blockwise(checkpoints):
