@@ -256,27 +256,17 @@ def _eval(args: argparse.Namespace) -> dict:
 
 def _generate(args: argparse.Namespace) -> str:
 
-    from ref_numpy.hf_io import load_config
-
     from .checkpoint import load_pretrained
-    from .data import load_chat_template, load_tokenizer, render_chat
+    from .data import chat_prompt_ids, load_chat_template, load_tokenizer
     from .generate import generate_many
     from .model import EngineConfig
 
-    cfg = load_config(args.model)
-    tok = load_tokenizer(args.model, vocab_size=cfg.vocab_size)
-    text = args.prompt
+    tok = load_tokenizer(args.model)
     if args.chat:
-        text = render_chat(
-            load_chat_template(args.model),
-            [{"role": "user", "content": args.prompt}],
-            add_generation_prompt=True,
-            bos_token=tok.bos_token,
-            eos_token=tok.eos_token,
-        )
-    ids = tok.encode(text)
-    if tok.bos_id is not None and not (args.chat and text.startswith(tok.bos_token or "\0")):
-        ids = [tok.bos_id, *ids]
+        messages = [{"role": "user", "content": args.prompt}]
+        ids = chat_prompt_ids(messages, load_chat_template(args.model), tok)
+    else:  # the tokenizer's own encoding, BOS as its post-processor says
+        ids = tok.encode(args.prompt, add_special_tokens=True)
     _, model = load_pretrained(
         args.model, None, EngineConfig(quantize=args.method == "qlora"), adapter_dir=args.adapter
     )

@@ -37,12 +37,12 @@ import bisect
 import functools
 import json
 import math
-import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import jinja2
 import jinja2.ext
@@ -52,6 +52,7 @@ import numpy as np
 import numpy.typing as npt
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from tokenizers import decoders, models, pre_tokenizers, processors
 
 from ref_numpy.layers import IGNORE_INDEX
 
@@ -90,88 +91,23 @@ class DataError(ValueError):
 
 # --- tokenizers -----------------------------------------------------------------------
 
+Span = tuple[int, int]  # [start, end) character offsets into a text
+# Tokenizer classes whose transformers 5 constructor rebuilds the pipeline of tokenizer.json:
+# no normalizer, a Metaspace pre-tokenizer whose prefix "▁" follows ``legacy`` and
+# ``add_prefix_space`` (tokenization_llama.py); the model, added tokens and post-processor stay.
+LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+# The byte tokenizer's special tokens, ids 256, 257, 258 after the 256 bytes.
+BYTE_SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")
 
-class Tokenizer(Protocol):
-    """What the pipeline needs from a tokenizer.
 
-    ``encode`` adds no special tokens itself, but special-token strings inside the text (such
-    as the eos token a chat template writes) become their ids.
+class Tokenizer:
+    """A Hugging Face ``tokenizer.json`` configured as transformers configures it.
+
+    ``encode(text, add_special_tokens=True)`` equals transformers' ``tokenizer(text).input_ids``
+    (the post-processor adds BOS / EOS as the tokenizer's own files say); with
+    ``add_special_tokens=False`` (the default) it adds nothing, but special-token strings in the
+    text (such as the eos token a chat template writes) still become their ids.
     """
-
-    vocab_size: int
-    bos_id: int | None
-    eos_id: int | None
-    pad_id: int | None
-    bos_token: str | None  # the strings a chat template sees as bos_token / eos_token
-    eos_token: str | None
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-
-class ByteTokenizer:
-    """The fallback tokenizer: ids 0..255 are UTF-8 bytes, then bos (256), eos (257), pad (258).
-
-    Ids from 259 up to ``vocab_size - 1`` are unused (a model's vocabulary may be larger) and
-    decode to U+FFFD. ``decode(encode(text)) == text`` for every string, lone surrogates
-    included (they travel as their ``surrogatepass`` bytes).
-    """
-
-    SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")
-
-    def __init__(self, vocab_size: int = 259) -> None:
-        if vocab_size < 256 + len(self.SPECIALS):
-            raise DataError(
-                f"byte tokenizer: vocab_size {vocab_size} is too small; it needs at least "
-                f"{256 + len(self.SPECIALS)} (256 bytes + bos, eos, pad)"
-            )
-        self.vocab_size = vocab_size
-        self.bos_id: int | None = 256
-        self.eos_id: int | None = 257
-        self.pad_id: int | None = 258
-        self.bos_token: str | None = self.SPECIALS[0]
-        self.eos_token: str | None = self.SPECIALS[1]
-        self._special_ids = {s: 256 + i for i, s in enumerate(self.SPECIALS)}
-        self._split = re.compile("(" + "|".join(re.escape(s) for s in self.SPECIALS) + ")")
-
-    def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for part in self._split.split(text):  # specials at odd indices
-            if part in self._special_ids:
-                ids.append(self._special_ids[part])
-            elif part:
-                ids.extend(part.encode("utf-8", "surrogatepass"))
-        return ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        out: list[str] = []
-        run = bytearray()
-        for raw in ids:
-            i = int(raw)
-            if 0 <= i < 256:
-                run.append(i)
-                continue
-            out.append(_utf8(run))
-            run.clear()
-            if not 0 <= i < self.vocab_size:
-                raise DataError(
-                    f"byte tokenizer: id {i} outside the vocabulary [0, {self.vocab_size})"
-                )
-            out.append(self.SPECIALS[i - 256] if i < 256 + len(self.SPECIALS) else "\ufffd")
-        out.append(_utf8(run))
-        return "".join(out)
-
-
-def _utf8(b: bytearray) -> str:
-    try:
-        return b.decode("utf-8", "surrogatepass")
-    except UnicodeDecodeError:  # a cut multi-byte character, e.g. from a sampled sequence
-        return b.decode("utf-8", "replace")
-
-
-class HFTokenizer:
-    """A Hugging Face ``tokenizer.json`` (``tokenizers`` library) with its special tokens."""
 
     def __init__(
         self,
@@ -180,15 +116,35 @@ class HFTokenizer:
         bos: tuple[int | None, str | None] = (None, None),
         eos: tuple[int | None, str | None] = (None, None),
         pad: tuple[int | None, str | None] = (None, None),
+        source: str = "tokenizer.json",
     ) -> None:
         self.tok = tok
+        self.source = source
         self.vocab_size: int = tok.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.bos_token = bos
         self.eos_id, self.eos_token = eos
         self.pad_id = pad[0]
+        # Whether the post-processor starts every text with BOS (Llama's do, GPT-2's do not).
+        ids, spans = self.encode_offsets("a", add_special_tokens=True)
+        self.adds_bos: bool = bos[0] is not None and ids[:1] == [bos[0]] and spans[:1] == [None]
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=False).ids)
+    def encode_offsets(
+        self, text: str, *, add_special_tokens: bool = False
+    ) -> tuple[list[int], list[Span | None]]:
+        """``(ids, spans)``: each token's characters ``text[start:end]``, or None for a token
+        the post-processor added (BOS, EOS), which stands for no character of the text."""
+        try:
+            enc = self.tok.encode(text, add_special_tokens=add_special_tokens)
+        except Exception as e:  # the tokenizers library raises TypeError / plain Exceptions
+            raise DataError(f"{self.source}: cannot encode {text[:40]!r}... ({e})") from None
+        spans: list[Span | None] = [
+            (int(o[0]), int(o[1])) if s is not None else None
+            for o, s in zip(enc.offsets, enc.sequence_ids, strict=True)
+        ]
+        return list(enc.ids), spans
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        return self.encode_offsets(text, add_special_tokens=add_special_tokens)[0]
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tok.decode([int(i) for i in ids], skip_special_tokens=False))
@@ -237,23 +193,72 @@ def _special(
     cfg_path = model_dir / "config.json"
     cfg = _read_json_object(cfg_path) or {}
     value = cfg.get(f"{key}_id")
-    if isinstance(value, list):
-        value = value[0] if value else None
-    if value is None:
-        return None, None
     size = tok.get_vocab_size(with_added_tokens=True)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
-        raise DataError(f"{cfg_path}: field '{key}_id' must be an id in [0, {size}), got {value!r}")
-    return value, tok.id_to_token(value)
+    for tid in value if isinstance(value, list) else [value]:  # Llama-3 lists several eos
+        if tid is None:
+            continue
+        if isinstance(tid, bool) or not isinstance(tid, int):
+            raise DataError(
+                f"{cfg_path}: field '{key}_id' must be an int or a list of ints, got {value!r}"
+            )
+        if 0 <= tid < size:
+            return tid, tok.id_to_token(tid)
+        # transformers loads such configs (GPT2Config keeps 50256 with any vocab_size)
+        warnings.warn(
+            f"{cfg_path}: field '{key}_id' = {tid} is outside the vocabulary [0, {size}) of "
+            "tokenizer.json; treated as absent",
+            stacklevel=2,
+        )
+    return None, None
 
 
-def load_tokenizer(model_dir: str | Path, *, vocab_size: int | None = None) -> Tokenizer:
-    """The tokenizer of a model directory.
+def _configure_as_transformers(
+    tok: tokenizers.Tokenizer, config: dict[str, Any]
+) -> tokenizers.Tokenizer:
+    """``tok`` with the pipeline transformers 5 runs for these tokenizer files.
 
-    ``tokenizer.json`` when present (special tokens from tokenizer_config.json, else
-    config.json); otherwise a ``ByteTokenizer`` of ``vocab_size`` (default: config.json's
-    ``vocab_size``). A directory with only a slow tokenizer (``tokenizer.model``,
-    ``vocab.json``) is refused rather than silently trained on bytes.
+    ``tokenizer_class`` Llama (Llama-2, Mistral, TinyLlama): the BPE model rebuilt as
+      transformers rebuilds it (byte fallback, no unknown token), no normalizer and a Metaspace
+      pre-tokenizer that prepends "▁" to the first piece of the text only (``legacy: false``,
+    transformers' default) or to every piece between special tokens (``legacy: true``), or
+    never (``add_prefix_space: false``).
+
+    The post-processor of tokenizer.json alone decides which BOS / EOS a text gets (none when
+    it has none): transformers 5 drops ``add_bos_token`` / ``add_eos_token`` of
+    tokenizer_config.json whenever tokenizer.json exists.
+    """
+    if config.get("tokenizer_class") in LLAMA_CLASSES:
+        spec = json.loads(tok.to_str())
+        if spec["model"].get("type") == "BPE":
+            spec["model"].update(
+                unk_token=None, fuse_unk=True, byte_fallback=True, dropout=None, ignore_merges=False
+            )
+            spec["model"].update(continuing_subword_prefix=None, end_of_word_suffix=None)
+            tok = tokenizers.Tokenizer.from_str(json.dumps(spec))
+        add_prefix_space = config.get("add_prefix_space")
+        add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+        scheme = (
+            ("always" if config.get("legacy", False) else "first") if add_prefix_space else "never"
+        )
+        tok.normalizer = None
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme=scheme, split=False
+        )
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if add_prefix_space:
+            steps.append(decoders.Strip(content=" ", left=1))
+        tok.decoder = decoders.Sequence(steps)
+    return tok
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    """The tokenizer of a model directory: its ``tokenizer.json`` as transformers runs it.
+
+    Special tokens come from tokenizer_config.json / special_tokens_map.json (else
+    config.json's ids); the pipeline and the post-processor follow
+    ``_configure_as_transformers``. A directory without ``tokenizer.json`` is refused, naming
+    the file (a slow-only tokenizer, ``tokenizer.model`` or ``vocab.json``, gets the command
+    that writes one); data in the ``tokens`` format needs no tokenizer at all.
     """
     d = Path(model_dir)
     path = d / "tokenizer.json"
@@ -261,33 +266,69 @@ def load_tokenizer(model_dir: str | Path, *, vocab_size: int | None = None) -> T
         for other in ("tokenizer.model", "vocab.json"):
             if (d / other).is_file():
                 raise DataError(
-                    f"{d / other}: a tokenizer without tokenizer.json; write one with "
-                    "transformers (AutoTokenizer.from_pretrained(dir).save_pretrained(dir))"
+                    f"{path}: missing; {d / other} is a tokenizer without tokenizer.json, "
+                    "write one with transformers "
+                    "(AutoTokenizer.from_pretrained(dir).save_pretrained(dir))"
                 )
-        if vocab_size is None:
-            cfg = _read_json_object(d / "config.json") or {}
-            vocab_size = cfg.get("vocab_size")
-            if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
-                raise DataError(
-                    f"{d}: no tokenizer.json, and no integer 'vocab_size' in config.json to "
-                    f"size the byte tokenizer (got {vocab_size!r})"
-                )
-        return ByteTokenizer(vocab_size)
+        raise DataError(
+            f"{path}: missing; text data needs the model's tokenizer (copy tokenizer.json and "
+            "tokenizer_config.json into the model directory), or give token ids (input_ids)"
+        )
     try:
         tok = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers library raises plain Exceptions
         raise DataError(f"{path}: cannot be read by the tokenizers library ({e})") from None
-    sources = [
-        (p, obj)
-        for p in (d / "tokenizer_config.json", d / "special_tokens_map.json")
-        if (obj := _read_json_object(p)) is not None
-    ]
-    return HFTokenizer(
-        tok,
-        bos=_special(tok, "bos", d, sources),
-        eos=_special(tok, "eos", d, sources),
-        pad=_special(tok, "pad", d, sources),
+    config_path = d / "tokenizer_config.json"
+    config = _read_json_object(config_path) or {}
+    sources = [(config_path, config)] if config_path.is_file() else []
+    if (smap := _read_json_object(d / "special_tokens_map.json")) is not None:
+        sources.append((d / "special_tokens_map.json", smap))
+    bos, eos, pad = (_special(tok, name, d, sources) for name in ("bos", "eos", "pad"))
+    tok = _configure_as_transformers(tok, config)
+    return Tokenizer(tok, bos=bos, eos=eos, pad=pad, source=str(path))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for every byte (the ByteLevel alphabet)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += range(ord("®"), ord("ÿ") + 1)
+    out, extra = {}, 0
+    for byte in range(256):
+        if byte in keep:
+            out[byte] = chr(byte)
+        else:
+            out[byte] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def save_byte_tokenizer(model_dir: str | Path) -> None:
+    """Write a byte tokenizer into a model directory (``tokenizer.json`` and
+    ``tokenizer_config.json``, which transformers loads too).
+
+    Ids 0-255 are the UTF-8 bytes of the text, then ``<|bos|>`` 256, ``<|eos|>`` 257,
+    ``<|pad|>`` 258; the post-processor starts every text with BOS. For small models made for
+    it (a vocabulary of at least 259 ids): any text encodes, and decodes back unchanged.
+    """
+    d = Path(model_dir)
+    vocab = {ch: byte for byte, ch in _bytes_to_unicode().items()}
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(BYTE_SPECIALS))
+    bos = BYTE_SPECIALS[0]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, 256)]
     )
+    d.mkdir(parents=True, exist_ok=True)
+    tok.save(str(d / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BYTE_SPECIALS[0],
+        "eos_token": BYTE_SPECIALS[1],
+        "pad_token": BYTE_SPECIALS[2],
+    }
+    (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 # --- chat templates -------------------------------------------------------------------
@@ -635,17 +676,14 @@ class Encoded:
         return int(self.input_ids.shape[0])
 
 
-Piece = tuple[str, bool]  # (text, counts in the loss)
-
-
-def _chat_pieces(
+def _chat_spans(
     messages: Sequence[Mapping[str, str]], template: ChatTemplate, tok: Tokenizer
-) -> list[Piece]:
-    """The rendered conversation cut into prompt and assistant pieces.
+) -> tuple[str, list[Span]]:
+    """The rendered conversation and the character spans of its assistant turns.
 
-    The assistant piece of turn i is what ``render(messages[:i+1])`` adds to
+    The span of assistant turn i is what ``render(messages[:i+1])`` adds to
     ``render(messages[:i], add_generation_prompt=True)``: the reply and the template's
-    end-of-turn marker, without the role header. The pieces concatenate to the full rendering.
+    end-of-turn marker, without the role header.
     """
 
     def render(msgs: Sequence[Mapping[str, str]], gen: bool) -> str:
@@ -658,7 +696,7 @@ def _chat_pieces(
         )
 
     full = render(messages, False)
-    pieces: list[Piece] = []
+    spans: list[Span] = []
     pos = 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -671,79 +709,109 @@ def _chat_pieces(
                 f"{template.source}: chat template does not render messages[{i}] as an "
                 "extension of the turns before it (needed to find the assistant tokens)"
             )
-        pieces += [(full[pos:start], False), (full[start:end], True)]
+        spans.append((start, end))
         pos = end
-    pieces.append((full[pos:], False))
-    return pieces
+    return full, spans
 
 
-def _tokenize(
-    pieces: Sequence[Piece], tok: Tokenizer, train_on_prompt: bool
-) -> tuple[list[int], list[int], list[int]]:
-    """``(ids, labels, ids of the last counted piece)`` of pieces tokenised one by one."""
-    ids: list[int] = []
-    labels: list[int] = []
-    last: list[int] = []
-    for text, counts in pieces:
-        p = tok.encode(text) if text else []
-        ids += p
-        labels += p if (counts or train_on_prompt) else [IGNORE_INDEX] * len(p)
-        if counts:
-            last = p
-    return ids, labels, last
+def _encode_chat_text(
+    text: str, template: ChatTemplate, tok: Tokenizer
+) -> tuple[list[int], list[Span | None]]:
+    """A rendered conversation's ids and spans, as ``apply_chat_template(tokenize=True)``: no
+    special tokens added, the template writes those it wants. The built-in template writes no
+    BOS, so its conversations start with BOS when the tokenizer starts every text with it."""
+    ids, offsets = tok.encode_offsets(text, add_special_tokens=False)
+    bos = tok.bos_id
+    if template.source == BUILTIN_SOURCE and tok.adds_bos and bos is not None and ids[:1] != [bos]:
+        ids, offsets = [bos, *ids], [None, *offsets]
+    return ids, offsets
+
+
+def chat_prompt_ids(
+    messages: Sequence[Mapping[str, str]], template: ChatTemplate, tok: Tokenizer
+) -> list[int]:
+    """The ids of ``messages`` followed by the assistant's header, for generation: the
+    conversation as training encodes it (``encode``), with ``add_generation_prompt``."""
+    text = render_chat(
+        template,
+        messages,
+        add_generation_prompt=True,
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
+    )
+    return _encode_chat_text(text, template, tok)[0]
+
+
+def _counts(token: Span, spans: Sequence[Span]) -> bool:
+    """Whether a token with characters ``token`` overlaps one of ``spans`` (transformers'
+    assistant-mask rule): a token that straddles a boundary counts."""
+    return any(token[0] < end and token[1] > start for start, end in spans)
 
 
 def encode_example(
     ex: Mapping[str, Any],
     fmt: Format,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | None,
     template: ChatTemplate | str | None = None,
     *,
+    vocab_size: int | None = None,
     train_on_prompt: bool = False,
-    add_bos: bool = True,
     add_eos: bool = True,
     where: str = "",
 ) -> Encoded:
     """One example as ``Encoded``; see ``encode``."""
     check_example(ex, fmt, where)
-    tok = tokenizer
     if fmt == "tokens":
+        size = vocab_size if vocab_size is not None else getattr(tokenizer, "vocab_size", None)
+        if size is None:
+            raise DataError(f"{where}: token ids need a vocab_size (or a tokenizer) to check them")
         ids = list(ex["input_ids"])
         labels = list(ex.get("labels", ids))
         for key, values, allowed in (("input_ids", ids, ()), ("labels", labels, (IGNORE_INDEX,))):
-            bad = next(
-                (v for v in values if not 0 <= v < tok.vocab_size and v not in allowed), None
-            )
+            bad = next((v for v in values if not 0 <= v < size and v not in allowed), None)
             if bad is not None:
                 raise DataError(
-                    f"{where}: field {key!r} holds {bad}, "
-                    f"outside the vocabulary [0, {tok.vocab_size})"
+                    f"{where}: field {key!r} holds {bad}, outside the vocabulary [0, {size})"
                 )
         return Encoded(np.asarray(ids, np.int32), np.asarray(labels, np.int32), where)
+    if tokenizer is None:
+        raise DataError(f"{where}: format {fmt!r} is text and needs a tokenizer (tokenizer.json)")
+    tok = tokenizer
     if fmt == "chat":
         tpl = template if template is not None else DEFAULT_CHAT_TEMPLATE
         if isinstance(tpl, str):
-            tpl = ChatTemplate(tpl, "chat template string" if template else BUILTIN_SOURCE)
+            tpl = ChatTemplate(
+                tpl, BUILTIN_SOURCE if tpl == DEFAULT_CHAT_TEMPLATE else "chat template string"
+            )
         try:
-            pieces = _chat_pieces(ex["messages"], tpl, tok)
+            text, spans = _chat_spans(ex["messages"], tpl, tok)
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
-    elif fmt == "prompt_completion":
-        pieces = [(ex["prompt"], False), (ex["completion"], True)]
-    elif fmt == "alpaca":
-        form = ALPACA_PROMPT_WITH_INPUT if ex.get("input") else ALPACA_PROMPT
-        prompt = form.format(instruction=ex["instruction"], input=ex.get("input", ""))
-        pieces = [(prompt, False), (ex["output"], True)]
+        ids, offsets = _encode_chat_text(text, tpl, tok)
     else:
-        pieces = [(ex["text"], True)]
-    ids, labels, last = _tokenize(pieces, tok, train_on_prompt)
-    if add_bos and tok.bos_id is not None and ids[:1] != [tok.bos_id]:
-        ids.insert(0, tok.bos_id)
-        labels.insert(0, IGNORE_INDEX)
-    # EOS ends the example, and counts, so the model learns to stop; a chat gets one only when
-    # it ends with an assistant turn whose end-of-turn marker is not already the eos token.
+        if fmt == "prompt_completion":
+            prompt, answer = ex["prompt"], ex["completion"]
+        elif fmt == "alpaca":
+            form = ALPACA_PROMPT_WITH_INPUT if ex.get("input") else ALPACA_PROMPT
+            prompt = form.format(instruction=ex["instruction"], input=ex.get("input", ""))
+            answer = ex["output"]
+        else:
+            prompt, answer = "", ex["text"]
+        text, spans = prompt + answer, [(len(prompt), len(prompt) + len(answer))]
+        ids, offsets = tok.encode_offsets(text, add_special_tokens=True)
+    if train_on_prompt:
+        spans = [(0, len(text))]
+    first = next((i for i, o in enumerate(offsets) if o is not None), len(ids))
+    ends = bool(spans) and spans[-1][1] == len(text)  # tokens added after the text count too
+    labels = [
+        t if (_counts(o, spans) if o is not None else i > first and ends) else IGNORE_INDEX
+        for i, (t, o) in enumerate(zip(ids, offsets, strict=True))
+    ]
+    # EOS ends a document or completion, and counts, so the model learns to stop; a chat gets
+    # one only when it ends with an assistant turn whose tokens do not already hold it.
     if add_eos and tok.eos_id is not None:
         if fmt == "chat":
+            last = [t for t, o in zip(ids, offsets, strict=True) if o and _counts(o, spans[-1:])]
             wanted = ex["messages"][-1]["role"] == "assistant" and tok.eos_id not in last
         else:
             wanted = ids[-1:] != [tok.eos_id]
@@ -758,33 +826,43 @@ def encode_example(
 def encode(
     examples: Sequence[Mapping[str, Any]],
     fmt: Format,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | None,
     template: ChatTemplate | str | None = None,
     *,
+    vocab_size: int | None = None,
     train_on_prompt: bool = False,
-    add_bos: bool = True,
     add_eos: bool = True,
     where: Sequence[str] | None = None,
 ) -> list[Encoded]:
     """Tokenise examples of one format, with labels masked to ``IGNORE_INDEX`` on prompts.
 
+    Every example becomes one string that is encoded once, so the ids are exactly the
+    tokenizer's own: ``tokenizer(prompt + completion)`` in transformers for ``text``,
+    ``prompt_completion`` and ``alpaca`` (with the BOS / EOS the tokenizer's post-processor
+    adds, and only those), ``apply_chat_template(messages, tokenize=True)`` for ``chat``. The
+    loss mask comes from character offsets: a token counts when its characters overlap the
+    completion (the assistant turns of a chat), so a token that straddles the boundary, such as
+    Llama's "▁4" of prompt "Answer: " and completion "4", counts.
+
     Args:
       examples: objects of format ``fmt`` (checked again here).
-      template: the chat template (``chat`` only); None is ``DEFAULT_CHAT_TEMPLATE``.
+      tokenizer: needed by every format but ``tokens``.
+      template: the chat template (``chat`` only); None is ``DEFAULT_CHAT_TEMPLATE``, which
+        writes no BOS itself: its conversations start with BOS when the tokenizer starts every
+        text with it (``Tokenizer.adds_bos``).
+      vocab_size: the model's; ``tokens`` ids must lie in [0, vocab_size) (default: the
+        tokenizer's vocabulary).
       train_on_prompt: count prompt tokens too (system/user turns, prompts, instructions).
-      add_bos: start with BOS unless the text already starts with it (a template may write it).
-      add_eos: end with EOS, counted so the model learns to stop, unless the text already ends
-        with it. A chat gets one only when its last turn is the assistant's and that turn does
-        not already hold the eos token (templates end turns with their own marker).
+      add_eos: end with EOS, counted so the model learns to stop, unless the tokens already
+        end with it. A chat gets one only when its last turn is the assistant's and that
+        turn's tokens do not already hold it (templates end turns with their own marker).
       where: ``FILE:LINE`` of each example (``Dataset.where``) for error messages; by default
         ``examples[i]``.
     Returns:
       One ``Encoded`` per example, ``input_ids`` and ``labels`` int32 [T]; ``labels[0]`` is
-      always ``IGNORE_INDEX`` (no token precedes it). The ``tokens`` format is used exactly as
-      given: no BOS/EOS, labels as given or equal to input_ids. Text is tokenised piece by
-      piece (prompt, then completion; the text between and within assistant turns), so every
-      token is wholly prompt or wholly answer and the mask lines up with the tokens exactly.
-      For a chat the pieces are cut by ``_chat_pieces``.
+      always ``IGNORE_INDEX`` (no token precedes it), and so is every token the post-processor
+      puts before the text (BOS). The ``tokens`` format is used exactly as given: no BOS/EOS,
+      labels as given or equal to input_ids.
     """
     names = list(where) if where is not None else [f"examples[{i}]" for i in range(len(examples))]
     if len(names) != len(examples):
@@ -795,8 +873,8 @@ def encode(
             fmt,
             tokenizer,
             template,
+            vocab_size=vocab_size,
             train_on_prompt=train_on_prompt,
-            add_bos=add_bos,
             add_eos=add_eos,
             where=w,
         )
@@ -1001,19 +1079,23 @@ def encode_file(
     *,
     train_on_prompt: bool = False,
     on_overflow: OnOverflow = "truncate",
-) -> tuple[list[Encoded], int, Tokenizer, Format]:
+) -> tuple[list[Encoded], int, Tokenizer | None, Format]:
     """A JSONL file tokenised for a model: ``(examples, n_truncated, tokenizer, format)``.
 
     The model directory supplies the tokenizer and chat template; examples longer than
-    ``max_length`` are cut (or refused, with ``on_overflow="error"``).
+    ``max_length`` are cut (or refused, with ``on_overflow="error"``). Token ids (the
+    ``tokens`` format) need no tokenizer: they are checked against the model's ``vocab_size``,
+    and the tokenizer is None when the directory has no ``tokenizer.json``.
     """
-    tok = load_tokenizer(model_dir, vocab_size=vocab_size)
     ds = load_dataset(data)
+    needs_tokenizer = ds.fmt != "tokens" or (Path(model_dir) / "tokenizer.json").is_file()
+    tok = load_tokenizer(model_dir) if needs_tokenizer else None
     encoded = encode(
         ds.examples,
         ds.fmt,
         tok,
-        load_chat_template(model_dir),
+        load_chat_template(model_dir) if ds.fmt == "chat" else None,
+        vocab_size=vocab_size,
         train_on_prompt=train_on_prompt,
         where=ds.where,
     )

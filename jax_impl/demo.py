@@ -117,9 +117,7 @@ def score(
     model: Model, tok: Any, prompts: list[str], targets: list[str], batch_size: int
 ) -> tuple[float, list[str]]:
     """``(exact match in [0, 1], answers)`` of greedy completions of ``prompts``."""
-    ids = [
-        [tok.bos_id, *tok.encode(p)] if tok.bos_id is not None else tok.encode(p) for p in prompts
-    ]
+    ids = [tok.encode(p, add_special_tokens=True) for p in prompts]  # BOS as in training
     longest = max(len(t.strip()) for t in targets)  # characters: at least the tokens
     new = generate_many(model, ids, longest + 4, batch_size=batch_size, eos_id=tok.eos_id)
     answers = [answer(tok.decode(n)) for n in new]

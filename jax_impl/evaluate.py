@@ -35,9 +35,10 @@ def evaluate_file(
 ) -> tuple[float, int]:
     """``(mean loss over all counted tokens of the file, counted tokens)``.
 
-    Examples longer than ``max_length`` (default: the model's context, at most 512) are
-    truncated. ``method="qlora"`` quantizes the base
-    to NF4 as it loads (an NF4 checkpoint is always read as NF4).
+    The file is tokenised as for training (``data.encode``): a text is the tokenizer's own
+    encoding plus EOS. Examples longer than ``max_length`` (default: the model's context, at
+    most 512) are truncated. ``method="qlora"`` quantizes the base to NF4 as it loads (an NF4
+    checkpoint is always read as NF4).
     """
     cfg = hf_io.load_config(model_dir)
     if max_length is None:
@@ -50,6 +51,7 @@ def evaluate_file(
     encoded, _, tok, _ = encode_file(
         model_dir, data, cfg.vocab_size, max_length, train_on_prompt=train_on_prompt
     )
+    pad_id = tok.pad_id if tok is not None else None  # token-id data may come without one
     rows = unpacked_rows(encoded)
     buckets = bucket_lengths(max_length)
     total, count = 0.0, 0
@@ -58,7 +60,7 @@ def evaluate_file(
         _, model = load_pretrained(model_dir, None, eng, adapter_dir=adapter)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
         step = jax.jit(lambda p, r, b: token_loss_sum(graphdef, p, r, b, None))
-        for batch in make_batches(rows, batch_size, 1, buckets, seed=0, epoch=0, pad_id=tok.pad_id):
+        for batch in make_batches(rows, batch_size, 1, buckets, seed=0, epoch=0, pad_id=pad_id):
             s, n = step(params, rest, {k: jnp.asarray(v[0]) for k, v in batch.items()})
             total, count = total + float(s), count + int(n)
         return total / max(count, 1), count
@@ -73,7 +75,7 @@ def evaluate_file(
     if adapter is not None:
         lora, adapters = peft_io.load_adapter(adapter, cfg, dtype=np.float64)
         params, scale = join_lora(params, adapters), lora.scale
-    for batch in make_batches(rows, batch_size, 1, buckets, seed=0, epoch=0, pad_id=tok.pad_id):
+    for batch in make_batches(rows, batch_size, 1, buckets, seed=0, epoch=0, pad_id=pad_id):
         b = {k: v[0] for k, v in batch.items()}
         logits, _ = model_forward(
             params,

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from ref_numpy import hf_io
 from ref_numpy.config import ModelConfig, llama_config
@@ -84,7 +84,9 @@ class PretrainConfig:
 def train_tokenizer(texts: list[str], vocab_size: int) -> tokenizers.Tokenizer:
     """A byte-level BPE tokenizer of ``vocab_size`` ids (bos, eos, pad first) over ``texts``.
 
-    Every byte is in the alphabet, so any string encodes, and ``decode(encode(s)) == s``.
+    Every byte is in the alphabet, so any string encodes, and ``decode(encode(s)) == s``. Its
+    post-processor starts every text with BOS, as the model is pretrained, so transformers'
+    ``tokenizer(text)`` and the training data path both give the ids the model knows.
     """
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -101,6 +103,10 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> tokenizers.Tokenizer:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    bos = (BOS, tok.token_to_id(BOS))
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B:1", special_tokens=[bos]
+    )
     return tok
 
 

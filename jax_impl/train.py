@@ -390,6 +390,7 @@ def run(tc: TrainConfig, progress: bool = True) -> dict[str, Any]:
         )
     cfg, model = load_pretrained(tc.model, _lora_config(tc), eng)
     rows, held, tok, stats = prepare_rows(tc, cfg.vocab_size)
+    pad_id = tok.pad_id if tok is not None else None  # token-id data may come without one
     buckets = bucket_lengths(tc.max_length)
     per_epoch = num_batches(len(rows), tc.batch_size, tc.grad_accum)
     total = tc.steps if tc.steps is not None else tc.epochs * per_epoch
@@ -428,7 +429,7 @@ def run(tc: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 seed=tc.seed,
                 epoch=epoch,
                 start=start,
-                pad_id=tok.pad_id,
+                pad_id=pad_id,
             ):
                 m = {k: float(v) for k, v in trainer.step(batch).items()}
                 step = trainer.step_count
@@ -440,7 +441,7 @@ def run(tc: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 tokens_done += int(m["tokens"])
                 m.update(step=step, tokens_per_s=tokens_done / (time.perf_counter() - t_start))
                 if held and tc.eval_interval and step % tc.eval_interval == 0:
-                    m["eval_loss"] = evaluate(trainer, held, tc, buckets, tok.pad_id)[0]
+                    m["eval_loss"] = evaluate(trainer, held, tc, buckets, pad_id)[0]
                 log.write(json.dumps(m) + "\n")
                 log.flush()
                 bar.update(1)
@@ -455,9 +456,7 @@ def run(tc: TrainConfig, progress: bool = True) -> dict[str, Any]:
     bar.close()
     summary = _summary(trainer, cfg, tc, stats, last)
     if held:
-        summary["eval_loss"], summary["eval_tokens"] = evaluate(
-            trainer, held, tc, buckets, tok.pad_id
-        )
+        summary["eval_loss"], summary["eval_tokens"] = evaluate(trainer, held, tc, buckets, pad_id)
     with hf_io.atomic_dir(out, tc.overwrite) as tmp:
         final = trainer.model()
         if tc.method == "full":

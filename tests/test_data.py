@@ -1,13 +1,16 @@
 """The data pipeline: tokenizers, chat templates, JSONL formats, label masks, packing, batches.
 
-Tokenizers are built here, offline: the byte fallback, a WordLevel ``tokenizer.json`` whose
-ids are easy to check by hand, and a byte-level BPE trained on a few multilingual strings.
+Tokenizers are built here, offline: the byte tokenizer (``save_byte_tokenizer``), a WordLevel
+``tokenizer.json`` whose ids are easy to check by hand, and a byte-level BPE trained on a few
+multilingual strings.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,6 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from jax_impl.data import (
     DEFAULT_CHAT_TEMPLATE,
-    ByteTokenizer,
     ChatTemplate,
     DataError,
     Encoded,
@@ -38,8 +40,10 @@ from jax_impl.data import (
     pack,
     read_jsonl,
     render_chat,
+    save_byte_tokenizer,
     unpacked_rows,
 )
+from jax_impl.data import Tokenizer as DataTokenizer
 
 IGNORE = -100
 BOS, EOS, PAD = 256, 257, 258  # the byte tokenizer's specials
@@ -68,6 +72,14 @@ def write_jsonl(path: Path, lines: list[Any]) -> Path:
     text = "\n".join(x if isinstance(x, str) else json.dumps(x, ensure_ascii=False) for x in lines)
     path.write_text(text + "\n", encoding="utf-8")
     return path
+
+
+@functools.cache
+def byte_tok() -> DataTokenizer:
+    """The byte tokenizer as ``load_tokenizer`` reads it from a model directory."""
+    with tempfile.TemporaryDirectory() as d:
+        save_byte_tokenizer(d)
+        return load_tokenizer(d)
 
 
 def counted(e: Encoded) -> list[int]:
@@ -145,65 +157,50 @@ def bpe_dir(tmp_path: Path, **config: Any) -> Path:
 # --- byte tokenizer ---------------------------------------------------------------------
 
 
-def test_byte_tokenizer_ids():
-    tok = ByteTokenizer(300)
+def test_byte_tokenizer_ids(tmp_path):
+    tok = byte_tok()
     assert tok.encode("A<|eos|>é") == [65, EOS, 0xC3, 0xA9]
     assert tok.encode("<|bos|><|pad|>") == [BOS, PAD]
-    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (BOS, EOS, PAD, 300)
+    assert tok.encode("ab", add_special_tokens=True) == [BOS, 97, 98]  # BOS starts every text
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (BOS, EOS, PAD, 259)
+    assert tok.adds_bos
     assert tok.decode([72, 105, EOS]) == "Hi<|eos|>"
-    assert tok.decode([72, 299]) == "H\ufffd"  # unused id of a larger vocabulary
-    with pytest.raises(DataError, match="300"):
-        tok.decode([300])
-
-
-def test_byte_tokenizer_needs_259_ids():
-    ByteTokenizer(259)
-    with pytest.raises(DataError, match="vocab_size 258 is too small.*259"):
-        ByteTokenizer(258)
+    save_byte_tokenizer(tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["eos_token"] == "<|eos|>"
 
 
 @given(st.text())
 @settings(max_examples=200, deadline=None)
 def test_byte_tokenizer_round_trips_any_text(text):
-    tok = ByteTokenizer()
+    tok = byte_tok()
     ids = tok.encode(text)
-    assert all(0 <= i < 259 for i in ids)
+    assert ids == b(text) or any(s in text for s in ("<|bos|>", "<|eos|>", "<|pad|>"))
     assert tok.decode(ids) == text
 
 
 @pytest.mark.parametrize("name", sorted(MULTILINGUAL))
 def test_byte_tokenizer_round_trips_multilingual(name):
-    tok = ByteTokenizer()
+    tok = byte_tok()
     text = MULTILINGUAL[name]
     assert tok.encode(text) == b(text)
     assert tok.decode(tok.encode(text)) == text
 
 
-def test_byte_tokenizer_round_trips_lone_surrogate():
-    tok = ByteTokenizer()
-    text = json.loads('"a\\ud800b"')  # legal JSON, not encodable as strict UTF-8
-    assert tok.decode(tok.encode(text)) == text
+def test_a_lone_surrogate_is_a_data_error():
+    text = json.loads('"a\\ud800b"')  # legal JSON, not encodable as UTF-8
+    with pytest.raises(DataError, match=r"tokenizer\.json: cannot encode 'a\\ud800b'"):
+        byte_tok().encode(text)
 
 
 # --- load_tokenizer ---------------------------------------------------------------------
 
 
-def test_load_tokenizer_falls_back_to_bytes(tmp_path):
+def test_load_tokenizer_without_tokenizer_json_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 320}))
-    tok = load_tokenizer(tmp_path)
-    assert isinstance(tok, ByteTokenizer)
-    assert tok.vocab_size == 320
-    assert load_tokenizer(tmp_path, vocab_size=260).vocab_size == 260
-
-
-def test_load_tokenizer_fallback_errors(tmp_path):
-    with pytest.raises(DataError, match="vocab_size"):
-        load_tokenizer(tmp_path)  # no config.json at all
-    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 100}))
-    with pytest.raises(DataError, match="too small"):
+    with pytest.raises(DataError, match=r"tokenizer\.json: missing.*input_ids"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(b"\x00")
-    with pytest.raises(DataError, match=r"tokenizer\.model.*tokenizer\.json"):
+    with pytest.raises(DataError, match=r"tokenizer\.json: missing; .*tokenizer\.model.*save_pre"):
         load_tokenizer(tmp_path)
 
 
@@ -236,7 +233,8 @@ def test_tokenizer_config_null_bos_wins_over_config_json(tmp_path):
     (d / "config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 4}))
     tok = load_tokenizer(d)
     assert (tok.bos_id, tok.eos_id) == (None, 1)
-    assert encode([{"text": "hello"}], "text", tok)[0].input_ids.tolist() == [4, 1]  # no BOS
+    # tokenizer.json's post-processor ("<s> $A </s>") still decides, as in transformers
+    assert encode([{"text": "hello"}], "text", tok)[0].input_ids.tolist() == [0, 4, 1]
 
 
 def test_load_tokenizer_unknown_special_is_an_error(tmp_path):
@@ -380,28 +378,37 @@ def test_jsonl_keeps_line_separators_inside_strings(tmp_path):
 
 
 def test_encode_text():
-    (e,) = encode([{"text": "ab"}], "text", ByteTokenizer())
+    (e,) = encode([{"text": "ab"}], "text", byte_tok())
     assert e.input_ids.tolist() == [BOS, 97, 98, EOS]
     assert e.labels.tolist() == [IGNORE, 97, 98, EOS]
     assert e.input_ids.dtype == np.int32 and e.labels.dtype == np.int32
-    (e,) = encode([{"text": "ab"}], "text", ByteTokenizer(), add_bos=False, add_eos=False)
-    assert e.input_ids.tolist() == [97, 98]
-    assert e.labels.tolist() == [IGNORE, 98]  # token 0 is never a target
-    (e,) = encode([{"text": "<|bos|>ab<|eos|>"}], "text", ByteTokenizer())
-    assert e.input_ids.tolist() == [BOS, 97, 98, EOS]  # not doubled
+    (e,) = encode([{"text": "ab"}], "text", byte_tok(), add_eos=False)
+    assert e.input_ids.tolist() == [BOS, 97, 98]
+    (e,) = encode([{"text": "<|bos|>ab<|eos|>"}], "text", byte_tok())
+    assert e.input_ids.tolist() == [BOS, BOS, 97, 98, EOS]  # as tokenizer(text); EOS not doubled
+    assert e.labels.tolist() == [IGNORE, BOS, 97, 98, EOS]
+
+
+def test_encode_text_needs_a_tokenizer_tokens_do_not():
+    with pytest.raises(DataError, match=r"examples\[0\]: format 'text' .*tokenizer\.json"):
+        encode([{"text": "ab"}], "text", None)
+    (e,) = encode([{"input_ids": [3, 210]}], "tokens", None, vocab_size=211)
+    assert e.input_ids.tolist() == [3, 210]
+    with pytest.raises(DataError, match=r"holds 211, outside the vocabulary \[0, 211\)"):
+        encode([{"input_ids": [3, 211]}], "tokens", None, vocab_size=211)
 
 
 def test_encode_prompt_completion():
     ex = [{"prompt": "ab", "completion": "cd"}]
-    (e,) = encode(ex, "prompt_completion", ByteTokenizer())
+    (e,) = encode(ex, "prompt_completion", byte_tok())
     assert e.input_ids.tolist() == [BOS, 97, 98, 99, 100, EOS]
     assert e.labels.tolist() == [IGNORE, IGNORE, IGNORE, 99, 100, EOS]
-    (e,) = encode(ex, "prompt_completion", ByteTokenizer(), train_on_prompt=True)
+    (e,) = encode(ex, "prompt_completion", byte_tok(), train_on_prompt=True)
     assert e.labels.tolist() == [IGNORE, 97, 98, 99, 100, EOS]
 
 
 def test_encode_alpaca():
-    tok = ByteTokenizer()
+    tok = byte_tok()
     ex = [
         {"instruction": "Add", "input": "1 2", "output": "3"},
         {"instruction": "Say hi", "input": "", "output": "hi"},
@@ -417,7 +424,7 @@ def test_encode_alpaca():
 
 def test_encode_pretokenized_exactly_as_given():
     ex = [{"input_ids": [5, 6, 7]}, {"input_ids": [5, 6, 7], "labels": [-100, 6, -100]}]
-    e1, e2 = encode(ex, "tokens", ByteTokenizer())
+    e1, e2 = encode(ex, "tokens", byte_tok())
     assert e1.input_ids.tolist() == [5, 6, 7] and e1.labels.tolist() == [5, 6, 7]
     assert e2.input_ids.tolist() == [5, 6, 7] and e2.labels.tolist() == [-100, 6, -100]
 
@@ -426,7 +433,7 @@ def test_encode_pretokenized_checks_the_vocabulary(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"input_ids": [1]}, {"input_ids": [1, 259]}])
     ds = load_dataset(path)
     with pytest.raises(DataError, match=r"t\.jsonl:2: field 'input_ids' holds 259"):
-        encode(ds.examples, ds.fmt, ByteTokenizer(), where=ds.where)
+        encode(ds.examples, ds.fmt, byte_tok(), where=ds.where)
 
 
 def test_encode_with_a_tokenizer_json(tmp_path):
@@ -434,7 +441,7 @@ def test_encode_with_a_tokenizer_json(tmp_path):
     (e,) = encode([{"text": "hello world"}], "text", tok)
     assert e.input_ids.tolist() == [0, 4, 5, 1]
     assert e.labels.tolist() == [IGNORE, 4, 5, 1]
-    (e,) = encode([{"prompt": "how are you", "completion": "fine"}], "prompt_completion", tok)
+    (e,) = encode([{"prompt": "how are you ", "completion": "fine"}], "prompt_completion", tok)
     assert e.input_ids.tolist() == [0, 13, 14, 15, 9, 1]
     assert e.labels.tolist() == [IGNORE, IGNORE, IGNORE, IGNORE, 9, 1]
 
@@ -447,8 +454,7 @@ def test_chat_masking_with_tokenizer_config_template(tmp_path):
     d = wordlevel_dir(tmp_path, cfg)
     (e,) = encode([{"messages": CONVERSATION}], "chat", load_tokenizer(d), load_chat_template(d))
     S, U, A, E = 8, 6, 7, 1  # <|system|> <|user|> <|assistant|> </s>
-    assert e.input_ids.tolist() == [
-        0,
+    assert e.input_ids.tolist() == [  # as apply_chat_template: no BOS the template does not write
         *(S, 11, 12, E),  # system: be brief
         *(U, 4, 5, E),  # user: hello world
         *(A, 9, 10, E),  # assistant: fine thanks
@@ -456,7 +462,6 @@ def test_chat_masking_with_tokenizer_config_template(tmp_path):
         *(A, 9, E),  # assistant: fine
     ]
     assert e.labels.tolist() == [
-        IGNORE,
         *[IGNORE] * 4,
         *[IGNORE] * 4,
         *(IGNORE, 9, 10, E),  # the role header is prompt, the reply and its end count
@@ -466,7 +471,7 @@ def test_chat_masking_with_tokenizer_config_template(tmp_path):
 
 
 def test_chat_masking_builtin_template_multi_turn():
-    tok = ByteTokenizer()
+    tok = byte_tok()
     (e,) = encode([{"messages": CONVERSATION}], "chat", tok)  # no template: the built-in one
     full = render_chat(DEFAULT_CHAT_TEMPLATE, CONVERSATION, eos_token="<|eos|>")
     assert e.input_ids.tolist() == [BOS, *tok.encode(full)]
@@ -492,7 +497,7 @@ def test_chat_eos_added_only_after_a_final_assistant_turn():
         "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
         "{% if add_generation_prompt %}[assistant]{% endif %}"
     )
-    tok = ByteTokenizer()
+    tok = byte_tok()
     (e,) = encode([{"messages": CONVERSATION[1:3]}], "chat", tok, tpl)
     assert e.input_ids.tolist()[-1] == EOS and e.labels.tolist()[-1] == EOS
     (e,) = encode([{"messages": CONVERSATION[1:4]}], "chat", tok, tpl)  # ends with the user
@@ -502,7 +507,7 @@ def test_chat_eos_added_only_after_a_final_assistant_turn():
 
 @pytest.mark.parametrize("name", sorted(MULTILINGUAL))
 def test_multilingual_chat_byte_fallback(name):
-    tok = ByteTokenizer()
+    tok = byte_tok()
     text = MULTILINGUAL[name]
     msgs = [
         {"role": "system", "content": "Reply in the user's language."},
@@ -526,8 +531,8 @@ def test_multilingual_chat_byte_level_bpe(tmp_path, name):
     msgs = [{"role": "user", "content": text}, {"role": "assistant", "content": text + "!"}]
     (e,) = encode([{"messages": msgs}], "chat", tok, tpl)
     full = render_chat(tpl, msgs, bos_token="<s>", eos_token="<|im_end|>")
-    # the pieces tokenised one by one give the tokens of the whole rendering
-    assert e.input_ids.tolist() == [tok.bos_id, *tok.encode(full)]
+    # the whole rendering, encoded once; this tokenizer adds no BOS
+    assert e.input_ids.tolist() == tok.encode(full) and not tok.adds_bos
     assert tok.decode(counted(e)) == text + "!<|im_end|>\n"
     assert tok.decode(tok.encode(text)) == text
 
@@ -535,7 +540,7 @@ def test_multilingual_chat_byte_level_bpe(tmp_path, name):
 def test_chat_template_that_is_not_incremental_is_refused():
     tpl = "{{ messages | length }}{% for m in messages %}{{ m.content }}{% endfor %}"
     with pytest.raises(DataError, match=r"examples\[0\]: .*messages\[2\].*extension"):
-        encode([{"messages": CONVERSATION[:3]}], "chat", ByteTokenizer(), tpl)
+        encode([{"messages": CONVERSATION[:3]}], "chat", byte_tok(), tpl)
 
 
 @pytest.mark.interop
@@ -558,7 +563,7 @@ def test_chat_matches_transformers_apply_chat_template(tmp_path):
             tpl, msgs, add_generation_prompt=gen, bos_token="<s>", eos_token="<|im_end|>"
         )
         assert ours == fast.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-    (e,) = encode([{"messages": CONVERSATION}], "chat", tok, tpl, add_bos=False)
+    (e,) = encode([{"messages": CONVERSATION}], "chat", tok, tpl)
     theirs = fast.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
     assert e.input_ids.tolist() == list(theirs)
 
@@ -632,7 +637,7 @@ def test_detect_format_without_a_file():
 def test_fit_truncates_or_refuses(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "ab"}, "", {"text": "abcdefgh"}])
     ds = load_dataset(path)
-    enc = encode(ds.examples, ds.fmt, ByteTokenizer(), where=ds.where)  # lengths 4, 10
+    enc = encode(ds.examples, ds.fmt, byte_tok(), where=ds.where)  # lengths 4, 10
     out, n_cut = fit(enc, 6)
     assert n_cut == 1
     assert [len(e) for e in out] == [4, 6]

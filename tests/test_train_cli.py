@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jax_impl.cli import main
+from jax_impl.data import save_byte_tokenizer
 from ref_numpy.config import llama_config
 from ref_numpy.hf_io import save_model
 from ref_numpy.model import init_params
@@ -27,9 +28,10 @@ CFG = llama_config(
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small Llama-family model with no tokenizer.json: the byte tokenizer applies."""
+    """A small Llama-family model with a byte-level tokenizer.json (ids 0-255 are bytes)."""
     out = tmp_path_factory.mktemp("m") / "base"
     save_model(init_params(CFG, np.random.default_rng(0), std=0.1), CFG, out)
+    save_byte_tokenizer(out)
     return out
 
 
@@ -285,7 +287,7 @@ def test_generate_command_gives_the_spec_greedy_text(
         == 0
     )
     got = capsys.readouterr().out[:-1]  # print adds one newline
-    tok = load_tokenizer(model_dir, vocab_size=CFG.vocab_size)
+    tok = load_tokenizer(model_dir)
     cfg, params = load_model(model_dir, dtype=np.float64)
     ids = np.asarray([[tok.bos_id, *tok.encode(prompt)]])
     new = [int(t) for t in generate(params, cfg, ids, 6, eos_id=tok.eos_id)[0, ids.shape[1] :]]
