@@ -24,9 +24,9 @@ from flax import nnx
 from ref_numpy.config import ModelConfig
 from ref_numpy.model import attn_shapes
 
-from .layers import acc_dtype, softmax
+from .layers import Norm, acc_dtype, softmax
 from .lora import Dense
-from .positional import rope
+from .positional import attention_factor, rope
 
 Array = jax.Array
 AttnImpl = Literal["einsum", "xla", "cudnn"]
@@ -40,17 +40,32 @@ def attention_mask(
     causal: bool = True,
     padding: Array | None = None,
     segment_ids: Array | None = None,
+    window: int | Array | None = None,
 ) -> Array:
-    """bool [B, T, S], True where query t (at position S - T + t) may see key s."""
+    """bool [B, T, S], True where query t (at position S - T + t) may see key s; with a
+    sliding ``window`` (an int, or a traced scalar) only keys with ``t - s < window``."""
     mask = jnp.ones((batch, n_queries, n_keys), dtype=bool)
+    q_pos = jnp.arange(n_keys - n_queries, n_keys)[:, None]  # [T,1]
+    k_pos = jnp.arange(n_keys)[None, :]  # [1,S]
     if causal:
-        q_pos = jnp.arange(n_keys - n_queries, n_keys)[:, None]  # [T,1]
-        mask &= jnp.arange(n_keys)[None, :] <= q_pos
+        mask &= k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
     if padding is not None:
         mask &= padding.astype(bool)[:, None, :]  # [B,1,S]
     if segment_ids is not None:
         mask &= segment_ids[:, :, None] == segment_ids[:, None, :]  # [B,T,S]
     return mask
+
+
+def layer_windows(cfg: ModelConfig) -> Array | None:
+    """int32 [L]: each layer's sliding window, scanned with the stacked layers; a layer
+    without one gets ``max_seq_len``, which every earlier key is within. None without
+    sliding windows."""
+    if cfg.sliding_window is None:
+        return None
+    windows = [cfg.layer_window(i) or cfg.max_seq_len for i in range(cfg.n_layers)]
+    return jnp.asarray(windows, jnp.int32)
 
 
 def sdpa(q: Array, k: Array, v: Array, mask: Array, impl: AttnImpl = "einsum") -> Array:
@@ -73,17 +88,28 @@ def sdpa(q: Array, k: Array, v: Array, mask: Array, impl: AttnImpl = "einsum") -
 class Attention(nnx.Module):
     """Multi-head self-attention with grouped-query heads and RoPE, as the spec's
     ``attention_forward``. Projections are ``q_proj, k_proj, v_proj, o_proj`` or GPT-2's
-    fused ``c_attn, c_proj``."""
+    fused ``c_attn, c_proj``; Qwen3 adds the per-head RMSNorms ``q_norm`` and ``k_norm``."""
 
     def __init__(
-        self, cfg: ModelConfig, make: Callable[[str, str, int, int], Dense], *, impl: AttnImpl
+        self,
+        cfg: ModelConfig,
+        make: Callable[[str, str, int, int], Dense],
+        *,
+        impl: AttnImpl,
+        make_norm: Callable[[int], Norm] | None = None,
     ) -> None:
         """``make(group, name, in, out)`` builds each projection (the model decides bias,
-        adapter, NF4 and dtypes)."""
+        adapter, NF4 and dtypes); ``make_norm(width)`` builds ``q_norm`` / ``k_norm``."""
         self.n, self.kv, self.h, self.impl = cfg.n_heads, cfg.n_kv, cfg.hd, impl
         self.fused = cfg.fused_qkv
+        self.rope_factor = attention_factor(cfg)
         for name, (d_in, d_out) in attn_shapes(cfg).items():
             setattr(self, name, make("attn", name, d_in, d_out))
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            if make_norm is None:
+                raise ValueError("Attention: qk_norm needs make_norm to build q_norm / k_norm")
+            self.q_norm, self.k_norm = make_norm(cfg.hd), make_norm(cfg.hd)
 
     def __call__(
         self,
@@ -116,8 +142,11 @@ class Attention(nnx.Module):
         else:
             q, k, v = (self._proj(name, x, keys) for name in ("q_proj", "k_proj", "v_proj"))
         q, k, v = q.reshape(b, t, n, h), k.reshape(b, t, kv, h), v.reshape(b, t, kv, h)
+        if self.qk_norm:  # RMSNorm over each head's H features
+            q, k = self.q_norm(q), self.k_norm(k)
         if freqs is not None:
-            q, k = rope(q, positions, freqs), rope(k, positions, freqs)
+            q = rope(q, positions, freqs, self.rope_factor)
+            k = rope(k, positions, freqs, self.rope_factor)
         return q, k, v
 
     def out(self, o: Array, keys: dict[str, Array] | None = None) -> Array:

@@ -35,7 +35,9 @@ def load_pretrained(
     A float checkpoint is quantized to NF4 while it streams in when ``eng.quantize``; an
     NF4 checkpoint (ours or one transformers + bitsandbytes saved) loads as it is, with
     ``eng.quantize`` switched on. With ``lora``, fresh adapters (PEFT init) are added; with
-    ``adapter_dir``, a saved PEFT adapter is loaded instead (its config wins).
+    ``adapter_dir``, a saved PEFT adapter is loaded instead (its config wins), also one on
+    some layers only (``layers_to_transform`` or a regex ``target_modules``): the other layers
+    get zero adapter slots (see ``model.lora_targets``).
     """
     eng = EngineConfig() if eng is None else eng
     if bnb_io.is_nf4_checkpoint(model_dir):
@@ -68,7 +70,9 @@ def save_adapter(
     overwrite: bool = False,
 ) -> Path:
     """Write the model's adapters in PEFT layout (``adapter_config.json`` and
-    ``adapter_model.safetensors``)."""
+    ``adapter_model.safetensors``): the tensors of the layers its LoRA config selects, and a
+    ``target_modules`` (with ``layers_to_transform`` where it fits) that selects exactly
+    those."""
     if model.lora is None:
         raise ValueError("model: has no LoRA adapters to save")
     params = to_spec(model)

@@ -29,7 +29,7 @@ from flax import nnx
 
 from ref_numpy.config import ModelConfig
 
-from .attention import Attention, sdpa
+from .attention import Attention, layer_windows, sdpa
 from .model import MLP, Block, Model
 from .positional import inv_freq
 
@@ -115,17 +115,23 @@ def forward_cached(
     mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B,T,S] causal over cache
     x = model.embed_tokens(ids, positions)  # [B,T,D]
     freqs = inv_freq(cfg)
+    windows = layer_windows(cfg)  # [L] sliding windows, or None
 
     graphdef, stacked = nnx.split(model.layers)
 
-    def body(carry: tuple[Array, Any], xs: tuple[Any, Array]) -> tuple[tuple[Array, Any], None]:
+    def body(
+        carry: tuple[Array, Any], xs: tuple[Any, Array, Array | None]
+    ) -> tuple[tuple[Array, Any], None]:
         x, cache = carry
-        layer_state, layer = xs
+        layer_state, layer, window = xs
+        m = mask  # [B,T,S]; a sliding window hides keys at or beyond `window` positions back
+        if window is not None:
+            m = mask & (jnp.arange(s)[None, None, :] > positions[:, :, None] - window)
         block = nnx.merge(graphdef, layer_state)
-        return _block_cached(block, x, positions, mask, freqs, cache, layer, start), None
+        return _block_cached(block, x, positions, m, freqs, cache, layer, start), None
 
     layers = jnp.arange(cfg.n_layers, dtype=start.dtype)
-    (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, layers))
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, layers, windows))
     x = jax.lax.dynamic_index_in_dim(x, last, axis=1, keepdims=True)  # [B,1,D]
     logits = model.logits(x)[:, 0]  # [B,V]
     return logits, cache

@@ -53,7 +53,7 @@ def proj_axes(group: str, name: str) -> tuple[str, str]:
     """Logical names of a projection kernel's ``[in, out]`` axes, e.g. ``("embed", "mlp")``.
 
     The full vocabulary: ``layers`` (stacked blocks), ``vocab``, ``embed``, ``q_heads``,
-    ``kv_heads``, ``qkv_heads``, ``mlp``, ``lora_rank``, ``positions``, ``nf4_bytes``,
+    ``kv_heads``, ``qkv_heads``, ``head_dim``, ``mlp``, ``lora_rank``, ``positions``, ``nf4_bytes``,
     ``nf4_blocks``. A device mesh is laid over them by mapping these names to mesh axes.
     """
     return _PROJ_AXES[(group, name)]
@@ -154,12 +154,20 @@ class Norm(nnx.Module):
     """LayerNorm (``weight``, ``bias``) or RMSNorm (``weight``), as ``cfg.norm`` says."""
 
     def __init__(
-        self, d: int, kind: str, eps: float, base: type[nnx.Variable], param_dtype: jnp.dtype
+        self,
+        d: int,
+        kind: str,
+        eps: float,
+        base: type[nnx.Variable],
+        param_dtype: jnp.dtype,
+        axis: str = "embed",
     ) -> None:
+        """``axis`` is the logical name of the normalised axis (``head_dim`` for Qwen3's
+        per-head ``q_norm`` / ``k_norm``)."""
         self.kind, self.eps = kind, eps
-        self.weight = variable(base, jnp.ones((d,), param_dtype), ("embed",))
+        self.weight = variable(base, jnp.ones((d,), param_dtype), (axis,))
         if kind == "layernorm":
-            self.bias = variable(base, jnp.zeros((d,), param_dtype), ("embed",))
+            self.bias = variable(base, jnp.zeros((d,), param_dtype), (axis,))
 
     def __call__(self, x: Array) -> Array:
         if self.kind == "layernorm":

@@ -29,11 +29,11 @@ import numpy as np
 from flax import nnx
 
 from ref_numpy.config import LoraConfig, ModelConfig
-from ref_numpy.lora import matches_target
+from ref_numpy.lora import LORA_LEAVES, projections, selected_paths, selects
 from ref_numpy.model import attn_shapes, has_bias, mlp_names, mlp_shapes
 from ref_numpy.nf4 import NF4Tensor
 
-from .attention import Attention, AttnImpl, attention_mask
+from .attention import Attention, AttnImpl, attention_mask, layer_windows
 from .layers import (
     ACTIVATIONS,
     Frozen,
@@ -82,35 +82,42 @@ class EngineConfig:
                 )
 
 
-def lora_targets(cfg: ModelConfig, lora: LoraConfig | None) -> frozenset[tuple[str, str]]:
-    """``{(group, name)}`` of the adapted projections, the same in every (stacked) layer.
+def lora_targets(
+    cfg: ModelConfig, lora: LoraConfig | None
+) -> dict[tuple[str, str], tuple[bool, ...]]:
+    """``{(group, name): (adapted in layer 0, adapted in layer 1, ...)}`` for every projection
+    that ``lora`` adapts in at least one layer.
 
-    Raises ValueError for a target that matches nothing, and for targets that select
-    different projections in different layers (the blocks share one structure).
+    The blocks are stacked, so every layer holds the same adapter slots. The slots of a layer
+    that ``lora`` leaves out (``layers_to_transform``, or a target regex naming some layers)
+    hold zeros: they add nothing to the output, their gradients are exactly zero, and AdamW
+    leaves them at zero (zero moments give a zero step, and weight decay of zero is zero).
+    Raises ValueError as ``ref_numpy.lora.selected_paths``.
     """
     if lora is None:
-        return frozenset()
+        return {}
     names = [("attn", n) for n in attn_shapes(cfg)] + [("mlp", n) for n in mlp_shapes(cfg)]
-    per_layer = [
-        frozenset(gn for gn in names if matches_target(f"layers.{i}.{gn[0]}.{gn[1]}", lora.targets))
-        for i in range(cfg.n_layers)
-    ]
-    for t in lora.targets:
-        if not any(
-            matches_target(f"layers.{i}.{g}.{n}", (t,))
-            for i in range(cfg.n_layers)
-            for g, n in names
-        ):
-            raise ValueError(
-                f"LoraConfig.targets: {t!r} matches no module of this {cfg.family} model; "
-                f"available: {sorted({n for _, n in names})}"
-            )
-    if len(set(per_layer)) > 1:
-        raise ValueError(
-            "LoraConfig.targets: the engine stacks its layers, so targets must select the same "
-            f"projections in every layer; got {[sorted(s) for s in per_layer]}"
-        )
-    return per_layer[0]
+    paths = [f"layers.{i}.{g}.{n}" for i in range(cfg.n_layers) for g, n in names]
+    chosen = set(selected_paths(paths, cfg, lora))
+    per_layer = {
+        (g, n): tuple(f"layers.{i}.{g}.{n}" in chosen for i in range(cfg.n_layers))
+        for g, n in names
+    }
+    return {gn: on for gn, on in per_layer.items() if any(on)}
+
+
+def trainable_params(model: Model) -> int:
+    """How many parameters train: every ``nnx.Param`` element, less the zero adapter slots of
+    the layers the LoRA config leaves out."""
+    targets = lora_targets(model.cfg, model.lora)
+    n = 0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        size = int(np.prod(var.get_value().shape))
+        if path[0] == "layers" and path[-1] in LORA_LEAVES:
+            on = targets[(str(path[1]), str(path[2]))]
+            size = size // len(on) * sum(on)
+        n += size
+    return n
 
 
 class MLP(nnx.Module):
@@ -160,7 +167,12 @@ class Block(nnx.Module):
 
         self.pre = cfg.norm_order == "pre"
         self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, base, eng.param_dtype)
-        self.attn = Attention(cfg, make, impl=eng.attn_impl)
+        self.attn = Attention(
+            cfg,
+            make,
+            impl=eng.attn_impl,
+            make_norm=lambda d: Norm(d, "rmsnorm", cfg.norm_eps, base, eng.param_dtype, "head_dim"),
+        )
         self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, base, eng.param_dtype)
         self.mlp = MLP(cfg, make)
 
@@ -242,6 +254,11 @@ class Model(nnx.Module):
             return Block(cfg, lora, eng, rngs)
 
         self.layers = stack(rngs)
+        for (group, name), on in lora_targets(cfg, lora).items():  # zero the unused slots
+            if not all(on):
+                slot = getattr(getattr(self.layers, group), name).lora_A
+                keep = jnp.asarray(on, slot.get_value().dtype)[:, None, None]  # [L,1,1]
+                slot.set_value(slot.get_value() * keep)  # [L,I,R]
         for _, var in nnx.iter_graph(self.layers):  # flax skips empty axis names (NF4 offset)
             if isinstance(var, nnx.Variable):
                 axes = var.get_metadata().get("out_sharding")
@@ -285,17 +302,19 @@ class Model(nnx.Module):
         x = self.embed_tokens(ids, positions)  # [B,T,D]
         freqs = inv_freq(cfg)
         keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_layers)
+        windows = layer_windows(cfg)  # [L] sliding windows, scanned with the layers, or None
 
         # Scan over the stacked blocks: one block's program, traced and compiled once.
         graphdef, stacked = nnx.split(self.layers)
 
-        def body(x: Array, xs: tuple[Any, Array | None]) -> tuple[Array, None]:
-            layer_state, key = xs
-            return nnx.merge(graphdef, layer_state)(x, positions, mask, freqs, key), None
+        def body(x: Array, xs: tuple[Any, Array | None, Array | None]) -> tuple[Array, None]:
+            layer_state, key, window = xs
+            m = mask if window is None else mask & attention_mask(b, t, t, window=window)
+            return nnx.merge(graphdef, layer_state)(x, positions, m, freqs, key), None
 
         if eng.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[eng.remat])
-        x, _ = jax.lax.scan(body, x, (stacked, keys))
+        x, _ = jax.lax.scan(body, x, (stacked, keys, windows))
         return self.logits(x)
 
     def embed_tokens(self, ids: Array, positions: Array) -> Array:
@@ -341,6 +360,13 @@ def _spec_leaf(params: Any, path: tuple[Any, ...]) -> Any:
     return node
 
 
+def _choice(lora: LoraConfig | None) -> str:
+    """The selection of ``lora`` in words, for error messages."""
+    if lora is None:
+        return "lora=None"
+    return f"LoraConfig(targets={lora.targets}, layers_to_transform={lora.layers_to_transform})"
+
+
 def from_spec(
     params: dict[str, Any],
     cfg: ModelConfig,
@@ -350,15 +376,23 @@ def from_spec(
     """An engine model holding exactly the spec's parameters (adapters and NF4 included).
 
     Every variable of the model must be found in ``params`` with the same shape; layer
-    leaves are stacked along the leading ``layers`` axis.
+    leaves are stacked along the leading ``layers`` axis. The adapters in ``params`` must be
+    exactly those ``lora`` selects; the slots of layers it leaves out are filled with zeros.
     """
+    for proj, p in projections(params):
+        if "lora_A" in p and (lora is None or not selects(proj, lora)):
+            raise ValueError(f"{proj}: carries an adapter that {_choice(lora)} skips")
+    targets = lora_targets(cfg, lora)
     abstract = nnx.eval_shape(lambda: Model(cfg, lora, eng, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = []
     for path, var in nnx.to_flat_state(state):
         stacked = path[0] == "layers"
         want = tuple(var.get_value().shape)[1:] if stacked else tuple(var.get_value().shape)
-        rows = [_spec_leaf(layer, path[1:]) for layer in params["layers"]] if stacked else []
+        rows = []
+        for i, layer in enumerate(params["layers"] if stacked else []):
+            unused = path[-1] in LORA_LEAVES and not targets[(str(path[1]), str(path[2]))][i]
+            rows.append(np.zeros(want) if unused else _spec_leaf(layer, path[1:]))
         for i, row in enumerate(rows if stacked else [_spec_leaf(params, path)]):
             if np.shape(row) != want:
                 name = ".".join(map(str, ("layers", i, *path[1:]) if stacked else path))
@@ -369,7 +403,11 @@ def from_spec(
 
 
 def to_spec(model: Model) -> dict[str, Any]:
-    """The spec's param dict (NumPy) of an engine model; NF4 kernels become ``NF4Tensor``."""
+    """The spec's param dict (NumPy) of an engine model; NF4 kernels become ``NF4Tensor``.
+
+    Adapters appear only where the LoRA config selects them; the zero slots of the other
+    layers are dropped (ValueError if one is not zero).
+    """
     params: dict[str, Any] = {"layers": [{} for _ in range(model.cfg.n_layers)]}
     nf4: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
     for path, var in nnx.to_flat_state(nnx.state(model)):
@@ -395,4 +433,14 @@ def to_spec(model: Model) -> dict[str, Any]:
         for key in rel[:-1]:
             node = node.setdefault(key, {})
         node[rel[-1]] = module.spec_tensor(fields)
+    if model.lora is not None:
+        for proj, p in projections(params):
+            if "lora_A" in p and not selects(proj, model.lora):
+                for leaf in LORA_LEAVES:
+                    if np.any(p[leaf]):
+                        raise ValueError(
+                            f"{proj}.{leaf}: non-zero, but {_choice(model.lora)} leaves this "
+                            "layer out, so its slot must stay zero"
+                        )
+                    del p[leaf]
     return params

@@ -1,7 +1,8 @@
 """Mirror of ``ref_numpy/positional.py``: sinusoidal, learned and rotary positions in jnp.
 
-The RoPE frequencies are constants of the config and come from the spec itself
-(``ref_numpy.positional.rope_frequencies``); angles are formed in ``acc_dtype``.
+The RoPE frequencies (linear / llama3 / yarn scaling included) and YaRN's attention factor
+are constants of the config and come from the spec itself (``rope_frequencies``,
+``rope_attention_factor``); angles are formed in ``acc_dtype``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ref_numpy.config import ModelConfig
-from ref_numpy.positional import rope_frequencies
+from ref_numpy.positional import rope_attention_factor, rope_frequencies
 
 from .layers import acc_dtype
 
@@ -40,15 +41,22 @@ def inv_freq(cfg: ModelConfig) -> np.ndarray | None:
     return rope_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling)
 
 
+def attention_factor(cfg: ModelConfig) -> float:
+    """The cos / sin multiplier of RoPE (YaRN's; 1.0 otherwise)."""
+    return rope_attention_factor(cfg.rope_scaling)
+
+
 def _rotate_half(x: Array) -> Array:
     h = x.shape[-1] // 2
     return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
 
 
-def rope(x: Array, positions: Array, freqs: np.ndarray) -> Array:
-    """Rotate pairs ``(x[i], x[i + H/2])`` by ``position * freqs[i]``. [B,T,N,H] -> same."""
+def rope(x: Array, positions: Array, freqs: np.ndarray, attention_factor: float = 1.0) -> Array:
+    """Rotate pairs ``(x[i], x[i + H/2])`` by ``position * freqs[i]``, cos and sin scaled by
+    ``attention_factor``. [B,T,N,H] -> same."""
     dt = acc_dtype(x.dtype)
     angle = positions[..., None].astype(dt) * jnp.asarray(freqs, dt)  # [B,T,H/2]
     angle = jnp.concatenate([angle, angle], axis=-1)[:, :, None, :]  # [B,T,1,H]
-    cos, sin = jnp.cos(angle).astype(x.dtype), jnp.sin(angle).astype(x.dtype)
+    cos = (jnp.cos(angle) * attention_factor).astype(x.dtype)
+    sin = (jnp.sin(angle) * attention_factor).astype(x.dtype)
     return x * cos + _rotate_half(x) * sin

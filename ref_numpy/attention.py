@@ -16,9 +16,16 @@ from typing import Any
 import numpy as np
 
 from .config import ModelConfig
-from .layers import Cache, check_shape, softmax_backward, softmax_forward
+from .layers import (
+    Cache,
+    check_shape,
+    rms_norm_backward,
+    rms_norm_forward,
+    softmax_backward,
+    softmax_forward,
+)
 from .lora import dense_backward, dense_forward
-from .positional import rope_backward, rope_forward
+from .positional import rope_attention_factor, rope_backward, rope_forward
 
 Params = dict[str, Any]
 
@@ -31,6 +38,7 @@ def attention_mask(
     causal: bool = True,
     padding: np.ndarray | None = None,
     segment_ids: np.ndarray | None = None,
+    window: int | None = None,
 ) -> np.ndarray:
     """Which key each query may see. Returns bool [B, T, S].
 
@@ -43,11 +51,17 @@ def attention_mask(
         padded keys are hidden from every query.
       segment_ids: [B, S] ids of packed examples (needs T = S); a query sees only keys of its
         own segment, so packed examples never attend to each other.
+      window: sliding-window attention (Mistral, Qwen2): query t sees key s only when
+        ``t - s < window``, so ``window`` keys at most, itself included (as transformers'
+        ``sliding_window_overlay``). Positions here are indices in the row, not ``positions``.
     """
     mask = np.ones((batch, n_queries, n_keys), dtype=bool)  # [B,T,S]
+    q_pos = np.arange(n_keys - n_queries, n_keys)[:, None]  # [T,1]
+    k_pos = np.arange(n_keys)[None, :]  # [1,S]
     if causal:
-        q_pos = np.arange(n_keys - n_queries, n_keys)[:, None]  # [T,1]
-        mask &= np.arange(n_keys)[None, :] <= q_pos  # [T,S] broadcast over B
+        mask &= k_pos <= q_pos  # [T,S] broadcast over B
+    if window is not None:
+        mask &= k_pos > q_pos - window  # [T,S]: the last `window` positions up to t
     if padding is not None:
         check_shape("attention_mask", padding, (batch, n_keys))
         mask &= padding.astype(bool)[:, None, :]  # [B,1,S]
@@ -110,11 +124,13 @@ def attention_forward(
     dropout: dict[str, np.ndarray] | None = None,
     past_kv: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, Cache]:
-    """Multi-head self-attention: project, rotate (RoPE), attend, merge heads, project.
+    """Multi-head self-attention: project, normalise heads (Qwen3), rotate (RoPE), attend,
+    merge heads, project.
 
     Args:
       x: [B, T, D].
-      p: ``{q_proj, k_proj, v_proj, o_proj}``, or GPT-2's ``{c_attn, c_proj}`` (fused q/k/v).
+      p: ``{q_proj, k_proj, v_proj, o_proj}``, or GPT-2's ``{c_attn, c_proj}`` (fused q/k/v);
+        with ``cfg.qk_norm`` also ``q_norm`` and ``k_norm``, each ``{weight [H]}``.
       positions: [B, T] positions of the queries (used by RoPE).
       mask: bool [B, T, S].
       inv_freq: [H/2] RoPE frequencies, or None for models without RoPE.
@@ -138,9 +154,13 @@ def attention_forward(
     q = q.reshape(b, t, n, h)  # [B,T,NH] -> [B,T,N,H]
     k = k.reshape(b, t, kv, h)  # [B,T,KH] -> [B,T,K,H]
     v = v.reshape(b, t, kv, h)  # [B,T,KH] -> [B,T,K,H]
+    if cfg.qk_norm:  # RMSNorm over each head's H features, shared by all heads
+        q, caches["q_norm"] = rms_norm_forward(q, p["q_norm"]["weight"], cfg.norm_eps)
+        k, caches["k_norm"] = rms_norm_forward(k, p["k_norm"]["weight"], cfg.norm_eps)
     if inv_freq is not None:
-        q, caches["rope_q"] = rope_forward(q, positions, inv_freq)  # [B,T,N,H]
-        k, caches["rope_k"] = rope_forward(k, positions, inv_freq)  # [B,T,K,H]
+        factor = rope_attention_factor(cfg.rope_scaling)
+        q, caches["rope_q"] = rope_forward(q, positions, inv_freq, factor)  # [B,T,N,H]
+        k, caches["rope_k"] = rope_forward(k, positions, inv_freq, factor)  # [B,T,K,H]
     if past_kv is not None:
         k = np.concatenate([past_kv[0], k], axis=1)  # [B,S-T,K,H] + [B,T,K,H] -> [B,S,K,H]
         v = np.concatenate([past_kv[1], v], axis=1)  # [B,S,K,H]
@@ -168,6 +188,11 @@ def attention_backward(
     if "rope_q" in cache:
         dq = rope_backward(dq, cache["rope_q"])  # [B,T,N,H]
         dk = rope_backward(dk, cache["rope_k"])  # [B,T,K,H]
+    if "q_norm" in cache:
+        dq, dwq = rms_norm_backward(dq, cache["q_norm"])  # [B,T,N,H], [H]
+        dk, dwk = rms_norm_backward(dk, cache["k_norm"])  # [B,T,K,H], [H]
+        if train_base:
+            grads["q_norm"], grads["k_norm"] = {"weight": dwq}, {"weight": dwk}
     dq, dk, dv = (g.reshape(b, t, -1) for g in (dq, dk, dv))  # [B,T,*,H] -> [B,T,*H]
     if fused:
         dqkv = np.concatenate([dq, dk, dv], axis=-1)  # [B,T,(N+2K)H]

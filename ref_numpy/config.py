@@ -20,7 +20,8 @@ gpt2        learned      layernorm   pre          gelu_tanh   all     yes
 llama       rope         rmsnorm     pre          swiglu      none    no
 ==========  ===========  ==========  ===========  ==========  ======  ====
 
-Qwen2 is the llama family with ``bias="qkv"``; small Llama-3 models set ``tie_embeddings``.
+Qwen2 is the llama family with ``bias="qkv"``, Qwen3 with ``qk_norm``; Mistral v0.1 and some
+Qwen2 models set ``sliding_window``; small Llama-3 models set ``tie_embeddings``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ Norm = Literal["layernorm", "rmsnorm"]
 NormOrder = Literal["pre", "post"]
 Activation = Literal["relu", "gelu", "gelu_tanh", "swiglu"]
 Bias = Literal["none", "qkv", "all"]
+RopeType = Literal["linear", "llama3", "yarn"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "family": ("classic", "gpt2", "llama"),
@@ -44,6 +46,25 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "norm_order": ("pre", "post"),
     "activation": ("relu", "gelu", "gelu_tanh", "swiglu"),
     "bias": ("none", "qkv", "all"),
+}
+
+
+# The RopeScaling fields each rope_type reads; the others must keep their defaults.
+ROPE_FIELDS: dict[str, frozenset[str]] = {
+    "linear": frozenset({"factor"}),
+    "llama3": frozenset(
+        {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}
+    ),
+    "yarn": frozenset(
+        {
+            "factor",
+            "original_max_position_embeddings",
+            "beta_fast",
+            "beta_slow",
+            "truncate",
+            "attention_factor",
+        }
+    ),
 }
 
 
@@ -59,26 +80,51 @@ def _check_positive(owner: str, name: str, value: object) -> None:
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 RoPE frequency scaling (``rope_type: "llama3"`` in Hugging Face configs)."""
+    """RoPE frequency scaling for a longer context, as Hugging Face's ``rope_type``.
 
-    factor: float  # divide low frequencies (long wavelengths) by this
-    low_freq_factor: float  # wavelengths above original_max / low_freq_factor are scaled
-    high_freq_factor: float  # wavelengths below original_max / high_freq_factor are kept
-    original_max_position_embeddings: int  # context length the model was pre-trained on
+    * ``"linear"`` (position interpolation): every frequency is divided by ``factor``.
+    * ``"llama3"``: long wavelengths are divided by ``factor``, short ones kept, the band
+      between blended (``low_freq_factor``, ``high_freq_factor``).
+    * ``"yarn"``: the same three bands, set by how many rotations a pair makes over the
+      original context (``beta_fast``, ``beta_slow``), and cos / sin multiplied by
+      ``attention_factor``.
+    """
+
+    rope_type: RopeType  # which scheme (see above)
+    factor: float  # context extension: the scaled frequencies are divided by this
+    original_max_position_embeddings: int | None = None  # llama3, yarn: pre-training context
+    low_freq_factor: float | None = None  # llama3: wavelengths above ctx / this are scaled
+    high_freq_factor: float | None = None  # llama3: wavelengths below ctx / this are kept
+    beta_fast: float = 32.0  # yarn: pairs making more rotations than this over ctx are kept
+    beta_slow: float = 1.0  # yarn: pairs making fewer rotations than this are scaled
+    truncate: bool = True  # yarn: round the blended band's ends to whole pairs
+    attention_factor: float | None = None  # yarn: cos / sin multiplier; None: 0.1 ln(f) + 1
 
     def __post_init__(self) -> None:
-        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+        owner = "RopeScaling"
+        _check_choice(owner, "rope_type", self.rope_type, tuple(ROPE_FIELDS))
+        used = ROPE_FIELDS[self.rope_type]
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name not in used and f.name != "rope_type" and v != f.default:
+                raise ValueError(
+                    f"{owner}.{f.name}: not used by rope_type={self.rope_type!r}, got {v!r}"
+                )
+        for name in sorted(used - {"original_max_position_embeddings", "truncate"}):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"RopeScaling.{name}: expected a positive number, got {v!r}")
-        if not self.high_freq_factor > self.low_freq_factor:
-            raise ValueError(
-                "RopeScaling.high_freq_factor: expected > low_freq_factor "
-                f"({self.low_freq_factor}), got {self.high_freq_factor}"
+            if name == "attention_factor" and v is None:
+                continue  # derived from factor
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{owner}.{name}: expected a positive number, got {v!r}")
+        if "original_max_position_embeddings" in used:
+            _check_positive(
+                owner, "original_max_position_embeddings", self.original_max_position_embeddings
             )
-        _check_positive(
-            "RopeScaling", "original_max_position_embeddings", self.original_max_position_embeddings
-        )
+        low, high = self.low_freq_factor, self.high_freq_factor
+        if low is not None and high is not None and not high > low:
+            raise ValueError(
+                f"{owner}.high_freq_factor: expected > low_freq_factor ({low}), got {high}"
+            )
 
 
 @dataclass(frozen=True)
@@ -103,7 +149,10 @@ class ModelConfig:
     tie_embeddings: bool = False  # lm_head reuses the token embedding matrix
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(D) (the 2017 paper)
     rope_theta: float = 10000.0  # RoPE base wavelength
-    rope_scaling: RopeScaling | None = None  # Llama-3 frequency scaling, or None
+    rope_scaling: RopeScaling | None = None  # linear / llama3 / yarn frequency scaling, or None
+    sliding_window: int | None = None  # a query sees only this many latest keys (itself too)
+    sliding_layers: tuple[int, ...] | None = None  # layers with the window; None: every layer
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
 
     def __post_init__(self) -> None:
         owner = "ModelConfig"
@@ -142,6 +191,29 @@ class ModelConfig:
             )
         if self.family == "gpt2" and self.norm_order != "pre":
             raise ValueError(f"{owner}.norm_order: gpt2 is pre-LN, got {self.norm_order!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(
+                f"{owner}.rope_scaling: expected a RopeScaling or None, got {self.rope_scaling!r}"
+            )
+        if self.sliding_window is not None:
+            _check_positive(owner, "sliding_window", self.sliding_window)
+        if self.sliding_layers is not None:
+            layers = self.sliding_layers
+            if self.sliding_window is None:
+                raise ValueError(f"{owner}.sliding_layers: set without a sliding_window")
+            if (
+                not isinstance(layers, tuple)
+                or not layers
+                or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)
+                or list(layers) != sorted(set(layers))
+                or not 0 <= layers[0] <= layers[-1] < self.n_layers
+            ):
+                raise ValueError(
+                    f"{owner}.sliding_layers: expected a non-empty increasing tuple of layer "
+                    f"indices in [0, {self.n_layers}), got {layers!r}"
+                )
+        if self.qk_norm and self.fused_qkv:
+            raise ValueError(f"{owner}.qk_norm: not available with gpt2's fused c_attn")
 
     # Derived sizes -------------------------------------------------------------------
     @property
@@ -159,6 +231,12 @@ class ModelConfig:
         """GPT-2 computes q, k and v with one ``c_attn`` projection ``[D, 3*N*H]``."""
         return self.family == "gpt2"
 
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer ``i``, or None where it attends to every earlier key."""
+        if self.sliding_layers is not None and i not in self.sliding_layers:
+            return None
+        return self.sliding_window
+
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -170,6 +248,9 @@ class LoraConfig:
 
     ``y = x @ W + b + scale * dropout(x) @ A @ B`` with ``A: [in, R]``, ``B: [R, out]`` and
     ``scale = alpha / R`` (``alpha / sqrt(R)`` with rsLoRA).
+
+    A projection is adapted when a target names or matches it and, if ``layers_to_transform``
+    is set, its layer is listed there (PEFT's ``layers_to_transform``).
     """
 
     rank: int = 8  # R
@@ -178,6 +259,7 @@ class LoraConfig:
     targets: tuple[str, ...] = ("q_proj", "v_proj")  # module names, as in the checkpoint
     use_rslora: bool = False  # scale by alpha / sqrt(R) instead of alpha / R
     seed: int = 0  # seed of the kaiming-uniform initialisation of A
+    layers_to_transform: tuple[int, ...] | None = None  # adapt only these layers; None: all
 
     def __post_init__(self) -> None:
         _check_positive("LoraConfig", "rank", self.rank)
@@ -188,6 +270,18 @@ class LoraConfig:
         if isinstance(self.targets, str) or not self.targets:
             raise ValueError(
                 f"LoraConfig.targets: expected a non-empty tuple of names, got {self.targets!r}"
+            )
+        layers = self.layers_to_transform
+        if layers is not None and (
+            not isinstance(layers, tuple)
+            or not layers
+            or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)
+            or list(layers) != sorted(set(layers))
+            or layers[0] < 0
+        ):
+            raise ValueError(
+                "LoraConfig.layers_to_transform: expected None or a non-empty increasing tuple "
+                f"of layer indices >= 0, got {layers!r}"
             )
 
     @property

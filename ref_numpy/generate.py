@@ -39,11 +39,12 @@ def forward_cached(
     if start + t > cfg.max_seq_len:
         raise ValueError(f"ids: position {start + t - 1} exceeds max_seq_len={cfg.max_seq_len}")
     positions = start + default_positions(b, t)  # [B,T]
-    mask = attention_mask(b, t, start + t)  # [B,T,P+T]: causal over cache and new tokens
     x, _ = embed_forward(params, cfg, ids, positions)  # [B,T,D]
     new_past: KVCache = []
     for i, p in enumerate(params["layers"]):
         layer_past = None if past is None else past[i]
+        # [B,T,P+T]: causal over cache and new tokens, within the layer's sliding window
+        mask = attention_mask(b, t, start + t, window=cfg.layer_window(i))
         x, c = block_forward(
             x, p, cfg, positions, mask, rope_inv_freq(cfg), lora_scale, past_kv=layer_past
         )  # [B,T,D]

@@ -11,9 +11,11 @@ never holds two copies of the model; a kernel can be quantized to NF4 as it arri
 Writing goes to a temporary directory beside the target, renamed into place at the end,
 so a failed write leaves nothing behind.
 
-Supported ``model_type``: ``llama``, ``mistral``, ``qwen2``, ``gpt2``, and ``qlora-spec``
-(the classic family, our own). Both the transformers-4 form of RoPE settings
-(``rope_theta``, ``rope_scaling``) and the transformers-5 form (``rope_parameters``) load.
+Supported ``model_type``: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gpt2``, and
+``qlora-spec`` (the classic family, our own). Both the transformers-4 form of RoPE settings
+(``rope_theta``, ``rope_scaling``) and the transformers-5 form (``rope_parameters``) load,
+with ``rope_type`` default, linear, llama3 or yarn; Mistral's and Qwen's sliding windows
+(``sliding_window``, ``use_sliding_window``, ``max_window_layers``, ``layer_types``) too.
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from .config import ModelConfig, RopeScaling
+from .config import ROPE_FIELDS, ModelConfig, RopeScaling
 from .model import attn_shapes, has_bias, mlp_shapes
 from .nf4 import NF4Tensor, quantize_kernel
 
 Params = dict[str, Any]
 CLASSIC_MODEL_TYPE = "qlora-spec"
+LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # read as the llama family
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 # Buffers some checkpoints carry that are not parameters (recomputed from the config).
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -76,23 +79,106 @@ def _refuse(where: str, key: str, value: Any, why: str) -> None:
 
 
 def _rope(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
-    """RoPE base and scaling from either the transformers-4 or the transformers-5 form."""
+    """RoPE base and scaling from either spelling: transformers-4 ``rope_theta`` and
+    ``rope_scaling: {"type" or "rope_type", ...}``, or transformers-5 ``rope_parameters:
+    {"rope_type", "rope_theta", ...}``. Defaults as transformers' ``standardize_rope_params``
+    and ``_compute_*_parameters``."""
     params = hf.get("rope_parameters") or {}
+    if any(isinstance(v, dict) for v in params.values()):
+        _refuse(where, "rope_parameters", params, "RoPE settings per layer type")
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = hf.get("rope_scaling") or (params if "rope_type" in params else None)
-    if scaling is None:
-        return float(theta), None
-    kind = scaling.get("rope_type", scaling.get("type"))
+    scaling = hf.get("rope_scaling") or params
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     if kind == "default":
         return float(theta), None
-    if kind != "llama3":
-        _refuse(where, "rope_scaling.rope_type", kind, "only 'default' and 'llama3' exist here")
-    return float(theta), RopeScaling(
-        factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
-        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+    if kind not in ("linear", "llama3", "yarn"):
+        _refuse(where, f"{field}.rope_type", kind, "known: 'default', 'linear', 'llama3', 'yarn'")
+
+    def number(key: str, default: Any = ...) -> Any:
+        value = scaling.get(key)
+        if value is None:
+            if default is ...:
+                raise CheckpointError(f"{where}: missing field {field}.{key} (rope_type {kind!r})")
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CheckpointError(f"{where}: {field}.{key} must be a number, got {value!r}")
+        return value
+
+    if kind == "linear":
+        return float(theta), RopeScaling("linear", factor=float(number("factor")))
+    # A top-level original_max_position_embeddings wins, as in transformers (Phi-3 style).
+    ctx = int(
+        hf.get("original_max_position_embeddings")
+        or number("original_max_position_embeddings", _get(hf, "max_position_embeddings", where))
     )
+    if kind == "llama3":
+        return float(theta), RopeScaling(
+            "llama3",
+            factor=float(number("factor")),
+            original_max_position_embeddings=ctx,
+            low_freq_factor=float(number("low_freq_factor")),
+            high_freq_factor=float(number("high_freq_factor")),
+        )
+    factor = float(number("factor", _get(hf, "max_position_embeddings", where) / ctx))
+    attention_factor = number("attention_factor", None)
+    mscale, mscale_all_dim = number("mscale", None), number("mscale_all_dim", None)
+    if attention_factor is None and mscale and mscale_all_dim:  # DeepSeek's spelling
+
+        def get_mscale(m: float) -> float:
+            return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+        attention_factor = get_mscale(mscale) / get_mscale(mscale_all_dim)
+    truncate = scaling.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise CheckpointError(f"{where}: {field}.truncate must be true or false, got {truncate!r}")
+    return float(theta), RopeScaling(
+        "yarn",
+        factor=factor,
+        original_max_position_embeddings=ctx,
+        beta_fast=float(number("beta_fast", 32.0) or 32.0),  # 0 or null mean the default
+        beta_slow=float(number("beta_slow", 1.0) or 1.0),
+        truncate=truncate,
+        attention_factor=None if attention_factor is None else float(attention_factor),
+    )
+
+
+def _sliding(hf: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
+    """``sliding_window`` / ``sliding_layers`` as transformers reads them: Mistral windows
+    every layer; Qwen2 / Qwen3 only with ``use_sliding_window``, on the layers
+    ``layer_types`` marks ``"sliding_attention"`` (transformers 5), else on layers
+    ``i >= max_window_layers``."""
+    window = hf.get("sliding_window", 4096)  # transformers' default when the field is absent
+    if (
+        kind == "llama"
+        or window is None
+        or (kind != "mistral" and not hf.get("use_sliding_window"))
+    ):
+        return {}
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise CheckpointError(f"{where}: sliding_window must be a positive int, got {window!r}")
+    if window >= int(_get(hf, "max_position_embeddings", where)):
+        return {}  # every query sees every earlier key anyway
+    n_layers = int(_get(hf, "num_hidden_layers", where))
+    if kind == "mistral":
+        return {"sliding_window": window}
+    types = hf.get("layer_types")
+    if types is None:
+        first = int(hf.get("max_window_layers", 28))
+        layers = tuple(range(first, n_layers))
+    else:
+        known = ("full_attention", "sliding_attention")
+        if not isinstance(types, list) or len(types) != n_layers or set(types) - set(known):
+            raise CheckpointError(
+                f"{where}: layer_types must list {n_layers} of {list(known)}, got {types!r}"
+            )
+        layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    if not layers:
+        return {}
+    return {
+        "sliding_window": window,
+        "sliding_layers": None if len(layers) == n_layers else layers,
+    }
 
 
 def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
@@ -102,20 +188,17 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
     ``model_type`` or an option this project does not implement.
     """
     kind = hf.get("model_type")
-    if kind in ("llama", "mistral", "qwen2"):
+    if kind in LLAMA_MODEL_TYPES:
         act = _get(hf, "hidden_act", where, "silu")
         if act != "silu":
             _refuse(where, "hidden_act", act, "the llama family uses SwiGLU with silu")
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 _refuse(where, flag, hf[flag], "biases on these layers are not implemented")
-        window = hf.get("sliding_window")
-        if window is not None and (kind == "mistral" or hf.get("use_sliding_window")):
-            _refuse(where, "sliding_window", window, "sliding-window attention is not implemented")
         theta, scaling = _rope(hf, where)
         n_heads = int(_get(hf, "num_attention_heads", where))
         d_model = int(_get(hf, "hidden_size", where))
-        head_dim = hf.get("head_dim")  # canonical form: None when it is D // N
+        head_dim = hf.get("head_dim", 128 if kind == "qwen3" else None)  # transformers' default
         head_dim = None if head_dim in (None, d_model // n_heads) else int(head_dim)
         return ModelConfig(
             family="llama",
@@ -135,6 +218,8 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             rope_theta=theta,
             rope_scaling=scaling,
+            qk_norm=kind == "qwen3",
+            **_sliding(hf, kind, where),
         )
     if kind == "gpt2":
         act = _get(hf, "activation_function", where, "gelu_new")
@@ -160,18 +245,30 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             tie_embeddings=True,
         )
     if kind == CLASSIC_MODEL_TYPE:
-        fields = {k: v for k, v in hf["qlora_spec"].items() if k != "rope_scaling"}
+        fields = dict(hf["qlora_spec"])
+        if fields.get("rope_scaling") is not None:
+            fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+        if fields.get("sliding_layers") is not None:
+            fields["sliding_layers"] = tuple(fields["sliding_layers"])
         return ModelConfig(**fields)
     raise CheckpointError(
         f"{where}: unsupported model_type {kind!r}; expected one of "
-        f"['gpt2', 'llama', 'mistral', 'qwen2', '{CLASSIC_MODEL_TYPE}']"
+        f"{sorted([*LLAMA_MODEL_TYPES, 'gpt2', CLASSIC_MODEL_TYPE])}"
     )
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """The ``config.json`` fields transformers reads for ``cfg`` (transformers-4 RoPE form,
-    which both transformers 4 and 5 accept)."""
+    which both transformers 4 and 5 accept).
+
+    The llama family is written as ``qwen3`` (``qk_norm``), ``qwen2`` (``bias="qkv"``),
+    ``mistral`` (a sliding window on every layer) or ``llama``. Raises ValueError for a
+    config no transformers model type expresses (a sliding window on GPT-2, or on some layers
+    of a model that is neither Qwen2 nor Qwen3).
+    """
     if cfg.family == "gpt2":
+        if cfg.sliding_window is not None:
+            raise ValueError("ModelConfig.sliding_window: GPT-2 in transformers has no window")
         return {
             "model_type": "gpt2",
             "architectures": ["GPT2LMHeadModel"],
@@ -186,9 +283,22 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             "tie_word_embeddings": True,
         }
     if cfg.family == "llama":
+        if cfg.qk_norm:
+            kind, arch = "qwen3", "Qwen3ForCausalLM"
+        elif cfg.bias == "qkv":
+            kind, arch = "qwen2", "Qwen2ForCausalLM"
+        elif cfg.sliding_window is not None and cfg.sliding_layers is None:
+            kind, arch = "mistral", "MistralForCausalLM"
+        elif cfg.sliding_window is not None:
+            raise ValueError(
+                f"ModelConfig.sliding_layers: a window on layers {cfg.sliding_layers} only of a "
+                "model without qkv biases or qk_norm has no transformers model type"
+            )
+        else:
+            kind, arch = "llama", "LlamaForCausalLM"
         out: dict[str, Any] = {
-            "model_type": "qwen2" if cfg.bias == "qkv" else "llama",
-            "architectures": ["Qwen2ForCausalLM" if cfg.bias == "qkv" else "LlamaForCausalLM"],
+            "model_type": kind,
+            "architectures": [arch],
             "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.d_model,
             "num_hidden_layers": cfg.n_layers,
@@ -202,11 +312,30 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             "tie_word_embeddings": cfg.tie_embeddings,
             "rope_theta": cfg.rope_theta,
         }
+        if kind in ("qwen2", "qwen3"):
+            windows = [cfg.layer_window(i) is not None for i in range(cfg.n_layers)]
+            out["use_sliding_window"] = any(windows)
+            out["sliding_window"] = cfg.sliding_window
+            # transformers 4 reads max_window_layers (a window on layers >= it), 5 layer_types
+            out["max_window_layers"] = windows.index(True) if any(windows) else cfg.n_layers
+            out["layer_types"] = [("sliding" if w else "full") + "_attention" for w in windows]
+        elif kind == "mistral":
+            out["sliding_window"] = cfg.sliding_window
         if cfg.rope_scaling is not None:
-            out["rope_scaling"] = {"rope_type": "llama3", **vars(cfg.rope_scaling)}
+            out["rope_scaling"] = rope_scaling_to_hf(cfg.rope_scaling)
         return out
-    fields = {k: v for k, v in vars(cfg).items() if k != "rope_scaling"}
+    fields = dict(vars(cfg))
+    if cfg.rope_scaling is not None:
+        fields["rope_scaling"] = vars(cfg.rope_scaling)
     return {"model_type": CLASSIC_MODEL_TYPE, "qlora_spec": fields}
+
+
+def rope_scaling_to_hf(scaling: RopeScaling) -> dict[str, Any]:
+    """``rope_scaling`` as transformers reads it: the fields this ``rope_type`` uses."""
+    used = ROPE_FIELDS[scaling.rope_type]
+    out = {"rope_type": scaling.rope_type}
+    out.update({k: v for k, v in vars(scaling).items() if k in used and v is not None})
+    return out
 
 
 def load_config(model_dir: str | os.PathLike[str]) -> ModelConfig:
@@ -299,6 +428,12 @@ def hf_tensors(cfg: ModelConfig) -> list[HFTensor]:
                 if has_bias(cfg, name):
                     out.append(
                         HFTensor(f"{mod}.bias", ("layers", i, group, name, "bias"), (d_out,), False)
+                    )
+            if group == "attn" and cfg.qk_norm:  # Qwen3: per-head RMSNorm weights [H]
+                for norm in ("q_norm", "k_norm"):
+                    name = f"{pre}.{_LLAMA_MODULES['attn']}.{norm}.weight"
+                    out.append(
+                        HFTensor(name, ("layers", i, "attn", norm, "weight"), (cfg.hd,), False)
                     )
     if cfg.norm_order == "pre":
         final = "transformer.ln_f" if gpt2 else "model.norm"

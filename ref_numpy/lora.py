@@ -101,11 +101,13 @@ def _flat(x: np.ndarray) -> np.ndarray:
 
 def projections(params: Params) -> Iterator[tuple[str, Params]]:
     """Every projection of a model's param tree as ``(path, dict)``; path like
-    ``layers.3.attn.q_proj`` (the name LoRA targets match is the last component)."""
+    ``layers.3.attn.q_proj`` (the name LoRA targets match is the last component). Qwen3's
+    ``q_norm`` / ``k_norm`` live in ``attn`` too but are not projections (no kernel)."""
     for i, layer in enumerate(params["layers"]):
         for group in ("attn", "mlp"):
             for name, p in layer[group].items():
-                yield f"layers.{i}.{group}.{name}", p
+                if "kernel" in p:
+                    yield f"layers.{i}.{group}.{name}", p
 
 
 def matches_target(path: str, targets: tuple[str, ...]) -> bool:
@@ -115,19 +117,21 @@ def matches_target(path: str, targets: tuple[str, ...]) -> bool:
     return any(t == name or re.fullmatch(t, path) for t in targets)
 
 
-def add_lora(
-    params: Params, cfg: ModelConfig, lora: LoraConfig, rng: np.random.Generator | None = None
-) -> Params:
-    """A copy of ``params`` with a fresh adapter on every targeted projection.
+def selects(path: str, lora: LoraConfig) -> bool:
+    """Whether ``lora`` adapts the projection ``path`` (``layers.3.attn.q_proj``): a target
+    names or matches it, and its layer is in ``lora.layers_to_transform`` when that is set."""
+    layers = lora.layers_to_transform
+    if layers is not None and int(path.split(".")[1]) not in layers:
+        return False
+    return matches_target(path, lora.targets)
 
-    ``lora.targets`` holds module names as the checkpoint spells them (``q_proj``,
-    ``c_attn``, ...) or regular expressions over paths (``layers\\.0\\.attn\\..*``).
-    Raises ValueError for a target that matches nothing (listing the available names) and
-    for a rank outside ``1..min(I, O)``.
+
+def selected_paths(paths: list[str], cfg: ModelConfig, lora: LoraConfig) -> list[str]:
+    """The projection paths of ``paths`` (every projection of ``cfg``) that ``lora`` adapts.
+
+    Raises ValueError for a target that matches no projection (listing the available names),
+    a layer of ``layers_to_transform`` the model does not have, and a selection that is empty.
     """
-    rng = np.random.default_rng(lora.seed) if rng is None else rng
-    out = copy.deepcopy(params)
-    paths = [path for path, _ in projections(out)]
     for t in lora.targets:
         if not any(matches_target(path, (t,)) for path in paths):
             names = sorted({path.rsplit(".", 1)[-1] for path in paths})
@@ -135,8 +139,37 @@ def add_lora(
                 f"LoraConfig.targets: {t!r} matches no module of this {cfg.family} model; "
                 f"available: {names}"
             )
+    layers = lora.layers_to_transform
+    if layers is not None and layers[-1] >= cfg.n_layers:
+        raise ValueError(
+            f"LoraConfig.layers_to_transform: layer {layers[-1]} does not exist in this "
+            f"{cfg.n_layers}-layer model (expected indices in [0, {cfg.n_layers}))"
+        )
+    out = [path for path in paths if selects(path, lora)]
+    if not out:  # every target matches somewhere, so only layers_to_transform can empty it
+        raise ValueError(
+            f"LoraConfig.layers_to_transform: layers {list(layers or ())} hold none of the "
+            f"projections targets={list(lora.targets)} select"
+        )
+    return out
+
+
+def add_lora(
+    params: Params, cfg: ModelConfig, lora: LoraConfig, rng: np.random.Generator | None = None
+) -> Params:
+    """A copy of ``params`` with a fresh adapter on every projection ``lora`` selects.
+
+    ``lora.targets`` holds module names as the checkpoint spells them (``q_proj``,
+    ``c_attn``, ...) or regular expressions over paths (``layers\\.0\\.attn\\..*``);
+    ``lora.layers_to_transform`` narrows them to some layers. Raises ValueError for a target
+    that matches nothing (listing the available names), a layer the model lacks, and a rank
+    outside ``1..min(I, O)``.
+    """
+    rng = np.random.default_rng(lora.seed) if rng is None else rng
+    out = copy.deepcopy(params)
+    chosen = set(selected_paths([path for path, _ in projections(out)], cfg, lora))
     for path, p in projections(out):
-        if not matches_target(path, lora.targets):
+        if path not in chosen:
             continue
         d_in, d_out = _kernel_shape(p["kernel"])
         if lora.rank > min(d_in, d_out):

@@ -5,7 +5,8 @@ The param tree (names follow the checkpoints, see ``hf_io.py`` for the file name
     embed.embedding        [V, D]     token embeddings
     pos_embed.embedding    [P, D]     learned positions (gpt2 only)
     layers[i].attn_norm    {weight [D], bias? [D]}
-    layers[i].attn         {q_proj, k_proj, v_proj, o_proj} or gpt2 {c_attn, c_proj}
+    layers[i].attn         {q_proj, k_proj, v_proj, o_proj} or gpt2 {c_attn, c_proj};
+                           qk_norm models add {q_norm, k_norm}: {weight [H]}
     layers[i].mlp_norm     {weight, bias?}
     layers[i].mlp          {gate_proj, up_proj, down_proj} (swiglu), {up_proj, down_proj},
                            or gpt2 {c_fc, c_proj}
@@ -95,13 +96,19 @@ def init_params(cfg: ModelConfig, rng: np.random.Generator, std: float = 0.02) -
             p["bias"] = np.zeros(shape[1])
         return p
 
+    def attn() -> Params:
+        p: Params = {name: proj(name, s) for name, s in attn_shapes(cfg).items()}
+        if cfg.qk_norm:  # RMSNorm weights over one head's H features
+            p["q_norm"], p["k_norm"] = {"weight": np.ones(cfg.hd)}, {"weight": np.ones(cfg.hd)}
+        return p
+
     params: Params = {"embed": {"embedding": rng.normal(0.0, std, (cfg.vocab_size, cfg.d_model))}}
     if cfg.position == "learned":
         params["pos_embed"] = {"embedding": rng.normal(0.0, std, (cfg.max_seq_len, cfg.d_model))}
     params["layers"] = [
         {
             "attn_norm": norm(),
-            "attn": {name: proj(name, s) for name, s in attn_shapes(cfg).items()},
+            "attn": attn(),
             "mlp_norm": norm(),
             "mlp": {name: proj(name, s) for name, s in mlp_shapes(cfg).items()},
         }
@@ -283,12 +290,16 @@ def model_forward(
     if t > cfg.max_seq_len:
         raise ValueError(f"ids: sequence length {t} exceeds max_seq_len={cfg.max_seq_len}")
     positions = default_positions(b, t) if positions is None else positions
-    mask = attention_mask(b, t, t, padding=attention_mask_2d, segment_ids=segment_ids)  # [B,T,T]
+    masks = {
+        w: attention_mask(b, t, t, padding=attention_mask_2d, segment_ids=segment_ids, window=w)
+        for w in {cfg.layer_window(i) for i in range(cfg.n_layers)}
+    }  # {window: [B,T,T]}, one per distinct sliding window (None: full causal)
     inv_freq = rope_inv_freq(cfg)  # [H/2] or None
     x, c = embed_forward(params, cfg, ids, positions)  # [B,T,D]
     c["layers"] = []
     for i, p in enumerate(params["layers"]):
         drop = _layer_dropout(dropout, i)
+        mask = masks[cfg.layer_window(i)]  # [B,T,T]
         x, lc = block_forward(x, p, cfg, positions, mask, inv_freq, lora_scale, drop)  # [B,T,D]
         c["layers"].append(lc)
     logits, c["head"] = head_forward(params, cfg, x)  # [B,T,V]

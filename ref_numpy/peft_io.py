@@ -20,8 +20,11 @@ output (no per-head or per-q/k/v split).
 
 ``target_modules`` decides which modules PEFT wraps when it loads an adapter: a list entry
 selects a module whose name equals it or ends with ``"." + entry``; a string is a regular
-expression that must match the whole name. We write the sorted short names (``["q_proj",
-"v_proj"]``) when they select exactly the adapted projections, else the full module names.
+expression that must match the whole name. ``layers_to_transform`` narrows a list's suffix
+matches to some layer indices (read from the module name, ``layers.<i>.`` / ``h.<i>.``, or
+after ``layers_pattern``). We write the sorted short names (``["q_proj", "v_proj"]``), with
+``layers_to_transform`` when only some layers are adapted, when they select exactly the
+adapted projections, else the full module names.
 
 Reading refuses every option that changes what the adapter computes beyond
 ``y = x @ W + b + scale * x @ A @ B`` (DoRA, per-module ranks, extra trained modules, ...),
@@ -44,7 +47,7 @@ from safetensors.numpy import save_file
 
 from .config import LoraConfig, ModelConfig
 from .hf_io import CheckpointError, atomic_dir, load_model, module_name, save_model, write_json
-from .lora import join_lora, matches_target, merge_lora, projections
+from .lora import join_lora, merge_lora, projections, selects
 from .model import attn_shapes, mlp_shapes
 
 Params = dict[str, Any]
@@ -63,8 +66,6 @@ _NAME_WITH_ADAPTER = re.compile(r"base_model\.model\..+\.lora_[AB]\.(?P<adapter>
 REFUSED_OPTIONS = {
     "use_dora": "DoRA (weight-decomposed LoRA) is not implemented",
     "modules_to_save": "fully trained copies of extra modules are not read",
-    "layers_to_transform": "per-layer selection is not implemented; name modules instead",
-    "layers_pattern": "per-layer selection is not implemented; name modules instead",
     "rank_pattern": "per-module ranks are not implemented",
     "alpha_pattern": "per-module alphas are not implemented",
     "layer_replication": "layer replication is not implemented",
@@ -112,9 +113,22 @@ def tensor_name(cfg: ModelConfig, path: str, leaf: str) -> str:
     return f"{PREFIX}{module_name(cfg, path)}.{leaf}.weight"
 
 
-def peft_selects(module: str, target_modules: str | Iterable[str], exclude: Any = None) -> bool:
+def peft_selects(
+    module: str,
+    target_modules: str | Iterable[str],
+    exclude: Any = None,
+    layers: int | Iterable[int] | None = None,
+    layers_pattern: str | Iterable[str] | None = None,
+) -> bool:
     """Whether PEFT wraps the module named ``module`` (``model.layers.0.self_attn.q_proj``)
-    given ``target_modules`` and ``exclude_modules`` (PEFT's ``check_target_module_exists``)."""
+    given ``target_modules``, ``exclude_modules``, ``layers_to_transform`` and
+    ``layers_pattern`` (PEFT's ``check_target_module_exists``).
+
+    A list entry selects a module whose name equals it or ends with ``"." + entry``; a string
+    is a regex over the whole name. ``layers`` narrows the entries that match by suffix to
+    the listed layer indices, read from the first ``<pattern>.<digits>.`` of the name (any
+    ``.<word>.<digits>.`` without a pattern); a module whose name holds none is not wrapped.
+    """
 
     def hit(spec: Any) -> bool:
         if isinstance(spec, str):
@@ -123,26 +137,58 @@ def peft_selects(module: str, target_modules: str | Iterable[str], exclude: Any 
 
     if exclude and hit(exclude):
         return False
-    return hit(target_modules)
+    if isinstance(target_modules, str) or module in target_modules:
+        return hit(target_modules)
+    if not hit(target_modules):
+        return False
+    wanted = [layers] if isinstance(layers, int) else list(layers or [])
+    if not wanted:  # None or [] selects every layer
+        return True
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)  # the first numbered segment
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+        for pattern in patterns:
+            m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+            if m is not None:
+                break
+    return m is not None and int(m["idx"]) in wanted
 
 
-def target_modules_for(cfg: ModelConfig, paths: Iterable[str]) -> list[str]:
-    """A ``target_modules`` list that makes PEFT wrap exactly the projections ``paths``:
-    the sorted short names (``["c_attn", "c_proj"]``) when they select exactly these, else
-    the sorted full module names (``["transformer.h.0.attn.c_proj", ...]``)."""
+def target_modules_for(
+    cfg: ModelConfig, paths: Iterable[str]
+) -> tuple[list[str], list[int] | None]:
+    """``(target_modules, layers_to_transform)`` that make PEFT wrap exactly the projections
+    ``paths``: the sorted short names (``["q_proj", "v_proj"]``), with the sorted layer
+    indices when the adapter covers only some layers, if PEFT reads them as exactly these;
+    else the sorted full module names (``["transformer.h.0.attn.c_proj", ...]``) and None."""
     adapted = set(paths)
     short = _short_names_if_exact(cfg, adapted)
     if short is not None:
-        return short
-    return sorted(module_name(cfg, p) for p in adapted)
+        names, layers = short
+        every = projection_shapes(cfg)
+        chosen = {p for p in every if peft_selects(module_name(cfg, p), names, None, layers)}
+        if chosen == adapted:
+            return names, layers
+    return sorted(module_name(cfg, p) for p in adapted), None
 
 
-def _short_names_if_exact(cfg: ModelConfig, adapted: set[str]) -> list[str] | None:
-    """The sorted last path components of ``adapted`` if, as targets, they select exactly
-    ``adapted`` among all projections of ``cfg`` (GPT-2's ``c_proj`` is in attn *and* mlp)."""
+def _short_names_if_exact(
+    cfg: ModelConfig, adapted: set[str]
+) -> tuple[list[str], list[int] | None] | None:
+    """``(names, layers)``: the sorted last path components of ``adapted`` and, unless it
+    covers every layer, the sorted layer indices, if these select exactly ``adapted`` among
+    all projections of ``cfg`` (GPT-2's ``c_proj`` is in attn *and* mlp); else None."""
     names = sorted({p.rsplit(".", 1)[-1] for p in adapted})
-    every = projection_shapes(cfg)
-    return names if {p for p in every if p.rsplit(".", 1)[-1] in names} == adapted else None
+    layers = sorted({int(p.split(".")[1]) for p in adapted})
+    chosen = {
+        p
+        for p in projection_shapes(cfg)
+        if p.rsplit(".", 1)[-1] in names and int(p.split(".")[1]) in layers
+    }
+    if chosen != adapted:
+        return None
+    return names, None if len(layers) == cfg.n_layers else layers
 
 
 # --- writing --------------------------------------------------------------------------
@@ -157,6 +203,7 @@ def adapter_config(
     the rest (arrow_config, eva_config, ...) with its defaults, which are "off".
     """
     alpha: float | int = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
+    target_modules, layers = target_modules_for(cfg, paths)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -167,7 +214,7 @@ def adapter_config(
         "lora_alpha": alpha,
         "lora_dropout": lora.dropout,
         "use_rslora": lora.use_rslora,
-        "target_modules": target_modules_for(cfg, paths),
+        "target_modules": target_modules,
         "exclude_modules": None,
         # GPT-2's Conv1D stores the base weight [in, out]; PEFT would set this itself (with a
         # warning) if it were wrong. The LoRA matrices are [R, in] / [out, R] either way.
@@ -177,7 +224,7 @@ def adapter_config(
         "use_dora": False,
         "init_lora_weights": True,
         "modules_to_save": None,
-        "layers_to_transform": None,
+        "layers_to_transform": layers,
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
@@ -193,7 +240,7 @@ def adapter_state(
 
     Raises ValueError when ``params`` carry no adapter, when an adapter's shape disagrees with
     ``cfg`` and ``lora.rank``, or when the adapted projections are not exactly those
-    ``lora.targets`` selects (the message names the path).
+    ``lora.targets`` and ``lora.layers_to_transform`` select (the message names the path).
     """
     shapes = projection_shapes(cfg)
     found = dict(projections(params))
@@ -205,14 +252,16 @@ def adapter_state(
     if not any("lora_A" in p for p in found.values()):
         raise ValueError("params: no projection carries a LoRA adapter (lora_A / lora_B)")
     state: dict[str, np.ndarray] = {}
-    targets = list(lora.targets)
+    choice = f"LoraConfig.targets={list(lora.targets)}"
+    if lora.layers_to_transform is not None:
+        choice += f" with layers_to_transform={list(lora.layers_to_transform)}"
     for path, (d_in, d_out) in shapes.items():
         p = found[path]
-        selected = matches_target(path, lora.targets)
+        selected = selects(path, lora)
         if "lora_A" in p and not selected:
-            raise ValueError(f"{path}: carries an adapter that LoraConfig.targets={targets} skips")
+            raise ValueError(f"{path}: carries an adapter that {choice} skips")
         if selected and "lora_A" not in p:
-            raise ValueError(f"{path}: LoraConfig.targets={targets} selects it; it has no adapter")
+            raise ValueError(f"{path}: {choice} selects it; it has no adapter")
         if not selected:
             continue
         if "lora_B" not in p:
@@ -322,18 +371,54 @@ def _positive(hf: dict[str, Any], key: str, where: str) -> float:
 
 
 def _selection(hf: dict[str, Any], cfg: ModelConfig, where: str) -> set[str]:
-    """Our projection paths PEFT wraps under ``target_modules`` / ``exclude_modules``."""
+    """Our projection paths PEFT wraps under ``target_modules``, ``exclude_modules``,
+    ``layers_to_transform`` and ``layers_pattern``."""
     targets = hf.get("target_modules")
     names_ok = isinstance(targets, list) and all(isinstance(t, str) for t in targets)
     if not targets or not (isinstance(targets, str) or names_ok):
         raise AdapterError(
             f"{where}: target_modules={targets!r}, expected a list of module names or a regex"
         )
+    layers, pattern = hf.get("layers_to_transform"), hf.get("layers_pattern")
+    if not (_is_int(layers) or layers is None or _all(layers, _is_int)):
+        raise AdapterError(
+            f"{where}: layers_to_transform={layers!r}, expected a layer index, a list of them "
+            "or null"
+        )
+    if not (pattern is None or isinstance(pattern, str) or _all(pattern, _is_str)):
+        raise AdapterError(
+            f"{where}: layers_pattern={pattern!r}, expected a name, a list of names or null"
+        )
+    for key, value in (("layers_to_transform", layers), ("layers_pattern", pattern)):
+        if isinstance(targets, str) and value is not None:  # PEFT's LoraConfig refuses it too
+            raise AdapterError(
+                f"{where}: {key}={value!r} with a regex target_modules={targets!r} (PEFT "
+                "allows layer selection only with a list of module names)"
+            )
+    if pattern and layers is None:
+        raise AdapterError(
+            f"{where}: layers_pattern={pattern!r} without layers_to_transform (PEFT needs both)"
+        )
     paths = projection_shapes(cfg)
     if isinstance(targets, str) and targets.lower() == "all-linear":
         return set(paths)  # every linear layer but the output layer: all projections here
     exclude = hf.get("exclude_modules")
-    return {p for p in paths if peft_selects(module_name(cfg, p), targets, exclude)}
+    return {
+        p for p in paths if peft_selects(module_name(cfg, p), targets, exclude, layers, pattern)
+    }
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _all(v: Any, test: Any) -> bool:
+    """Whether ``v`` is a JSON list whose every item passes ``test``."""
+    return isinstance(v, list) and all(test(x) for x in v)
 
 
 def _weights_path(adapter_dir: Path) -> Path:
@@ -394,8 +479,9 @@ def load_adapter(
       dtype: dtype of the returned arrays.
     Returns:
       ``(lora, adapters)``: the settings (``lora.scale`` is the factor for ``model_forward``
-      and ``merge_lora``; ``targets`` selects exactly the adapted projections, by short name
-      when possible, else by escaped full path) and
+      and ``merge_lora``; ``targets`` and ``layers_to_transform`` select exactly the adapted
+      projections: short names, with the layers when only some are adapted, where they can,
+      else escaped full paths) and
       ``{path: {"lora_A": [I, R], "lora_B": [R, O]}}`` in layer order, for ``lora.join_lora``.
     Raises:
       AdapterError (a ValueError): an unsupported option, a tensor of another base (unknown
@@ -410,14 +496,17 @@ def load_adapter(
     selected = _selection(hf, cfg, where)
     shapes = projection_shapes(cfg)
     by_module = {module_name(cfg, p): p for p in shapes}
+    choice = f"target_modules={hf['target_modules']!r}"
+    if hf.get("layers_to_transform") is not None:
+        choice += f" with layers_to_transform={hf['layers_to_transform']!r}"
     file = _weights_path(adapter_dir)
     found: dict[str, dict[str, np.ndarray]] = {}
     for name, array in _read_tensors(file).items():
         path, leaf = _parse_name(name, by_module, cfg, file)
         if path not in selected:
             raise AdapterError(
-                f"{file}: tensor {name!r} is for a module that target_modules="
-                f"{hf['target_modules']!r} does not select (PEFT would not load it)"
+                f"{file}: tensor {name!r} is for a module that {choice} does not select "
+                "(PEFT would not load it)"
             )
         d_in, d_out = shapes[path]
         want = (r, d_in) if leaf == "lora_A" else (d_out, r)  # PyTorch [out, in] layout
@@ -439,14 +528,20 @@ def load_adapter(
         elif path in selected:
             raise AdapterError(
                 f"{file}: missing tensors {tensor_name(cfg, path, 'lora_A')!r} and lora_B "
-                f"(target_modules={hf['target_modules']!r} selects {module_name(cfg, path)})"
+                f"({choice} selects {module_name(cfg, path)})"
             )
     adapters = {p: found[p] for p in shapes if p in found}  # layer order
     short = _short_names_if_exact(cfg, set(adapters))
-    targets = tuple(short) if short is not None else tuple(re.escape(p) for p in adapters)
+    targets = tuple(short[0]) if short is not None else tuple(re.escape(p) for p in adapters)
+    layers = tuple(short[1]) if short is not None and short[1] is not None else None
     try:
         lora = LoraConfig(
-            rank=r, alpha=alpha, dropout=dropout, targets=targets, use_rslora=use_rslora
+            rank=r,
+            alpha=alpha,
+            dropout=dropout,
+            targets=targets,
+            use_rslora=use_rslora,
+            layers_to_transform=layers,
         )
     except ValueError as e:  # e.g. lora_dropout outside [0, 1)
         raise AdapterError(f"{where}: {e}") from None

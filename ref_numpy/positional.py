@@ -1,5 +1,6 @@
 """Position information: sinusoidal (Vaswani et al. 2017), learned (GPT-2), rotary (RoFormer,
-as in Llama), each a forward returning ``(out, cache)`` beside its backward.
+as in Llama, with linear / Llama-3 / YaRN frequency scaling), each a forward returning
+``(out, cache)`` beside its backward.
 
 ``positions`` is an int array [B, T] of absolute positions; packed sequences restart it at
 zero for every segment, so each example sees the positions it would see alone.
@@ -79,20 +80,56 @@ def rope_frequencies(
 ) -> np.ndarray:
     """Angular frequency of each rotated pair: ``theta^(-2i/H)``, i < H/2. Returns [H/2].
 
-    With Llama-3 scaling, long wavelengths (low frequencies) are divided by ``factor``, short
-    ones are kept, and the band between is interpolated smoothly in ``context / wavelength``.
+    ``scaling`` stretches the context the frequencies were trained on (``RopeScaling``):
+    linear divides every frequency by ``factor``; llama3 and yarn divide the low frequencies
+    (pairs that turn less than once over the original context) by ``factor``, keep the high
+    ones, and blend linearly in between.
     """
     inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [H/2]
     if scaling is None:
         return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor  # [H/2]; the same as dividing positions by factor
     ctx = scaling.original_max_position_embeddings
+    assert ctx is not None  # RopeScaling checks it for llama3 and yarn
+    if scaling.rope_type == "yarn":
+        ramp = _yarn_ramp(head_dim, theta, ctx, scaling)  # [H/2]; 0 keeps a pair, 1 scales it
+        return inv_freq / scaling.factor * ramp + inv_freq * (1.0 - ramp)  # [H/2]
+    low, high = scaling.low_freq_factor, scaling.high_freq_factor
+    assert low is not None and high is not None
     wavelen = 2.0 * math.pi / inv_freq  # [H/2]
-    smooth = (ctx / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )  # [H/2]; 0 at the low-frequency edge of the band, 1 at the high one
+    smooth = (ctx / wavelen - low) / (high - low)  # [H/2]; 0 at the band's low edge, 1 at high
     blended = (1.0 - smooth) * inv_freq / scaling.factor + smooth * inv_freq  # [H/2]
-    out = np.where(wavelen > ctx / scaling.low_freq_factor, inv_freq / scaling.factor, blended)
-    return np.where(wavelen < ctx / scaling.high_freq_factor, inv_freq, out)  # [H/2]
+    out = np.where(wavelen > ctx / low, inv_freq / scaling.factor, blended)
+    return np.where(wavelen < ctx / high, inv_freq, out)  # [H/2]
+
+
+def _yarn_ramp(head_dim: int, theta: float, ctx: int, scaling: RopeScaling) -> np.ndarray:
+    """YaRN's ramp over the pairs: 0 for pairs turning more than ``beta_fast`` times over the
+    original context ``ctx`` (kept), 1 for those turning fewer than ``beta_slow`` times
+    (scaled), linear between. As transformers' ``_compute_yarn_parameters``. Returns [H/2]."""
+
+    def pair_turning(rotations: float) -> float:  # the (fractional) pair index i whose
+        # wavelength 2 pi theta^(2i/H) fits ``rotations`` times into ctx
+        return head_dim * math.log(ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_turning(scaling.beta_fast), pair_turning(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: avoids dividing by zero
+    return np.clip((np.arange(head_dim // 2) - low) / (high - low), 0.0, 1.0)  # [H/2]
+
+
+def rope_attention_factor(scaling: RopeScaling | None) -> float:
+    """The factor YaRN multiplies cos and sin by (so attention logits by its square); 1.0
+    for the other schemes. Default ``0.1 ln(factor) + 1`` (the YaRN paper's temperature)."""
+    if scaling is None or scaling.rope_type != "yarn":
+        return 1.0
+    if scaling.attention_factor is not None:
+        return float(scaling.attention_factor)
+    return 1.0 if scaling.factor <= 1 else 0.1 * math.log(scaling.factor) + 1.0
 
 
 def _rotate_half(x: np.ndarray) -> np.ndarray:
@@ -109,7 +146,7 @@ def _rotate_half_transpose(g: np.ndarray) -> np.ndarray:
 
 
 def rope_forward(
-    x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray
+    x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, attention_factor: float = 1.0
 ) -> tuple[np.ndarray, Cache]:
     """Rotate each pair ``(x[i], x[i + H/2])`` by the angle ``position * inv_freq[i]``.
 
@@ -117,6 +154,7 @@ def rope_forward(
       x: [B, T, N, H] (queries or keys; any head count).
       positions: [B, T].
       inv_freq: [H/2] from ``rope_frequencies``.
+      attention_factor: multiplies cos and sin (``rope_attention_factor``; 1 but for YaRN).
     Returns:
       [B, T, N, H]: ``x * cos + rotate_half(x) * sin``.
     """
@@ -124,11 +162,13 @@ def rope_forward(
     check_shape("inv_freq", inv_freq, (x.shape[-1] // 2,))
     angle = positions[..., None].astype(np.float64) * inv_freq  # [B,T,1] * [H/2] -> [B,T,H/2]
     angle = np.concatenate([angle, angle], axis=-1)[:, :, None, :]  # [B,T,1,H]
-    cos, sin = np.cos(angle).astype(x.dtype), np.sin(angle).astype(x.dtype)  # [B,T,1,H]
+    cos = (np.cos(angle) * attention_factor).astype(x.dtype)  # [B,T,1,H]
+    sin = (np.sin(angle) * attention_factor).astype(x.dtype)  # [B,T,1,H]
     return x * cos + _rotate_half(x) * sin, (cos, sin)  # [B,T,N,H]
 
 
 def rope_backward(dout: np.ndarray, cache: Cache) -> np.ndarray:
-    """A rotation's gradient is the inverse rotation: ``dout*cos + rotate_half^T(dout*sin)``."""
+    """A rotation's gradient is the inverse rotation: ``dout*cos + rotate_half^T(dout*sin)``
+    (a scaled rotation, with YaRN's factor, scales its gradient the same way)."""
     cos, sin = cache
     return dout * cos + _rotate_half_transpose(dout * sin)  # [B,T,N,H]

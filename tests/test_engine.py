@@ -100,15 +100,31 @@ def test_variable_types_say_what_trains() -> None:
             assert {"kernel", "bias", "embedding", "weight"} <= names
 
 
-def test_lora_targets_must_be_the_same_in_every_layer() -> None:
+def test_lora_targets_per_layer() -> None:
+    """Every layer gets a slot for a projection adapted in any layer, with a per-layer flag."""
     cfg = CONFIGS["llama-gqa-rope3"]
+    assert cfg.n_layers == 2
     assert lora_targets(cfg, LoraConfig(targets=(r"layers\.\d+\.attn\.q_proj",))) == {
-        ("attn", "q_proj")
+        ("attn", "q_proj"): (True, True)
     }
-    with pytest.raises(ValueError, match="same projections in every layer"):
-        lora_targets(cfg, LoraConfig(targets=(r"layers\.0\.attn\.q_proj",)))
+    some = LoraConfig(targets=(r"layers\.0\.attn\.q_proj", r"layers\.1\.mlp\.up_proj"))
+    assert lora_targets(cfg, some) == {
+        ("attn", "q_proj"): (True, False),
+        ("mlp", "up_proj"): (False, True),
+    }
+    by_index = LoraConfig(targets=("q_proj", "v_proj"), layers_to_transform=(1,))
+    assert lora_targets(cfg, by_index) == {
+        ("attn", "q_proj"): (False, True),
+        ("attn", "v_proj"): (False, True),
+    }
     with pytest.raises(ValueError, match=r"'c_fc' matches no module .* available"):
         lora_targets(cfg, LoraConfig(targets=("c_fc",)))
+    with pytest.raises(ValueError, match=r"layers_to_transform: layer 2 does not exist .* 2-layer"):
+        lora_targets(cfg, LoraConfig(targets=("q_proj",), layers_to_transform=(0, 2)))
+    with pytest.raises(ValueError, match=r"layers_to_transform: layers \[1\] hold none"):
+        lora_targets(
+            cfg, LoraConfig(targets=(r"layers\.0\.attn\.q_proj",), layers_to_transform=(1,))
+        )
 
 
 def test_engine_config_validation() -> None:

@@ -5,6 +5,7 @@ shape bucket; eos and stop handling; sampling filters and seeds."""
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator
 
 import jax
@@ -18,6 +19,7 @@ from ref_numpy import generate as R
 from ref_numpy import lora as LR
 from ref_numpy.config import LoraConfig
 from ref_numpy.lora import merge_lora
+from ref_numpy.model import model_forward
 from ref_numpy.nf4 import NF4Tensor, dequantize_kernel
 from tests.test_model import CONFIGS, V, random_params
 from tests.test_parity import make_case
@@ -204,3 +206,32 @@ def test_errors_and_edges(rng: np.random.Generator) -> None:
         G.generate(model, prompt[0], 2)
     np.testing.assert_array_equal(G.generate(model, prompt, 0), prompt)
     assert G.generate(model, prompt, 15).shape == (2, 17)  # the spec's longest: T0 + n - 1 = 16
+
+
+@pytest.mark.parametrize("name", ["mistral-window-yarn", "qwen3-window-linear"])
+def test_sliding_window_holds_in_cached_decoding(
+    name: str, rng: np.random.Generator, x64: None
+) -> None:
+    """Past the window (3 < 9 positions), each cached decode step of the engine gives the
+    spec's full-forward logits; the same model without its window gives other logits."""
+    cfg = CONFIGS[name]
+    params = random_params(cfg, rng)
+    ids = rng.integers(0, V, size=(2, 9))
+    want, _ = model_forward(params, cfg, ids)  # [B,T,V]
+    model = engine(params, name)
+    shape = (cfg.n_layers, 2, 16, cfg.n_kv, cfg.hd)
+    cache = (jnp.zeros(shape, jnp.float64), jnp.zeros(shape, jnp.float64))
+    i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
+    logits, cache = G.forward_cached(model, jnp.asarray(ids[:, :4]), i32(0), cache, i32(3))
+    got = [np.asarray(logits)]
+    for t in range(4, 9):
+        logits, cache = G.forward_cached(
+            model, jnp.asarray(ids[:, t : t + 1]), i32(t), cache, i32(0)
+        )
+        got.append(np.asarray(logits))
+    np.testing.assert_allclose(np.stack(got, axis=1), want[:, 3:], rtol=1e-10, atol=1e-12)
+    unwindowed, _ = model_forward(
+        params, cfg.replace(sliding_window=None, sliding_layers=None), ids
+    )
+    assert np.abs(unwindowed[:, 3:] - want[:, 3:]).max() > 1e-3  # the window matters
+    np.testing.assert_allclose(unwindowed[:, :3], want[:, :3], rtol=1e-12)  # not before it

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ref_numpy.config import classic_config, gpt2_config, llama_config
+from ref_numpy.config import RopeScaling, classic_config, gpt2_config, llama_config
 from ref_numpy.hf_io import (
     CheckpointError,
+    config_to_hf,
     hf_state,
     hf_tensors,
     load_config,
@@ -41,6 +42,43 @@ CONFIGS = {
     "classic": classic_config(
         vocab_size=50, d_model=16, n_layers=2, n_heads=4, d_ff=24, max_seq_len=32
     ),
+    "qwen3-yarn-window": llama_config(
+        vocab_size=50,
+        d_model=16,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=6,
+        d_ff=24,
+        max_seq_len=32,
+        qk_norm=True,
+        sliding_window=5,
+        sliding_layers=(1, 2),
+        rope_scaling=RopeScaling("yarn", 4.0, 8, beta_fast=16.0, truncate=False),
+    ),
+    "mistral-linear": llama_config(
+        vocab_size=50,
+        d_model=16,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=24,
+        max_seq_len=32,
+        sliding_window=5,
+        rope_scaling=RopeScaling("linear", 2.0),
+    ),
+    "classic-rope-window": classic_config(
+        vocab_size=50,
+        d_model=16,
+        n_layers=2,
+        n_heads=4,
+        d_ff=24,
+        max_seq_len=32,
+        position="rope",
+        sliding_window=3,
+        sliding_layers=(0,),
+        rope_scaling=RopeScaling("llama3", 8.0, 8, 1.0, 4.0),
+    ),
 }
 
 
@@ -67,6 +105,34 @@ def test_names_follow_the_checkpoints() -> None:
     assert not g["transformer.h.0.attn.c_attn.weight"].transpose
     lm = {t.name: t for t in hf_tensors(CONFIGS["llama"])}["lm_head.weight"]
     assert lm.transpose and lm.shape == (50, 16)
+    q3 = {t.name: t for t in hf_tensors(CONFIGS["qwen3-yarn-window"])}
+    norm = q3["model.layers.2.self_attn.k_norm.weight"]
+    assert norm.shape == (6,) and norm.path == ("layers", 2, "attn", "k_norm", "weight")
+    assert "model.layers.0.self_attn.q_norm.weight" in q3
+    assert "model.layers.0.self_attn.q_norm.weight" not in names  # qwen2 has none
+
+
+def test_config_to_hf_spells_each_family() -> None:
+    q3 = config_to_hf(CONFIGS["qwen3-yarn-window"])
+    assert (q3["model_type"], q3["head_dim"], q3["sliding_window"]) == ("qwen3", 6, 5)
+    assert q3["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention"]
+    assert (q3["use_sliding_window"], q3["max_window_layers"]) == (True, 1)
+    assert q3["rope_scaling"] == {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 8,
+        "beta_fast": 16.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+    }
+    mistral = config_to_hf(CONFIGS["mistral-linear"])
+    assert (mistral["model_type"], mistral["sliding_window"]) == ("mistral", 5)
+    assert mistral["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    partial = CONFIGS["llama"].replace(sliding_window=4, sliding_layers=(1,))
+    with pytest.raises(ValueError, match=r"sliding_layers: a window on layers \(1,\) only"):
+        config_to_hf(partial)
+    with pytest.raises(ValueError, match="GPT-2 in transformers has no window"):
+        config_to_hf(CONFIGS["gpt2"].replace(sliding_window=4))
 
 
 def test_quantize_while_loading(tmp_path: Path) -> None:
@@ -128,8 +194,12 @@ def test_config_errors_name_the_file_and_field(tmp_path: Path) -> None:
         "max_position_embeddings": 8,
         "sliding_window": 4,
     }
-    (tmp_path / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(CheckpointError, match=r"unsupported sliding_window=4"):
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "sliding_window": 0}))
+    with pytest.raises(CheckpointError, match=r"sliding_window must be a positive int, got 0"):
+        load_config(tmp_path)
+    qwen2 = {**hf, "model_type": "qwen2", "use_sliding_window": True, "layer_types": ["x"]}
+    (tmp_path / "config.json").write_text(json.dumps(qwen2))
+    with pytest.raises(CheckpointError, match=r"layer_types must list 1 of \['full_attention'"):
         load_config(tmp_path)
     with pytest.raises(CheckpointError, match="no such file"):
         load_config(tmp_path / "nowhere")

@@ -214,7 +214,11 @@ def test_rope_relative_property(rng: np.random.Generator) -> None:
 
 def test_llama3_rope_scaling_bands() -> None:
     sc = RopeScaling(
-        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+        "llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=64,
     )
     base = P.rope_frequencies(32, 10000.0)
     scaled = P.rope_frequencies(32, 10000.0, sc)
@@ -272,3 +276,84 @@ def test_fully_masked_query_gives_zeros_not_nan(rng: np.random.Generator) -> Non
     assert np.isfinite(out).all()
     np.testing.assert_array_equal(out[0, [0, 2]], 0.0)
     np.testing.assert_allclose(out[0, 1], v[0, 0])
+
+
+def test_attention_mask_sliding_window() -> None:
+    """Query t sees key s when ``0 <= t - s < window`` (transformers' sliding_window_overlay)."""
+    m = A.attention_mask(1, 5, 5, window=2)[0]
+    want = np.array(
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]],
+        dtype=bool,
+    )
+    np.testing.assert_array_equal(m, want)
+    # decoding: 2 new queries at positions 4 and 5 over 6 keys, window 3
+    np.testing.assert_array_equal(
+        A.attention_mask(1, 2, 6, window=3)[0],
+        np.array([[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]], dtype=bool),
+    )
+    np.testing.assert_array_equal(A.attention_mask(2, 5, 5, window=5), A.attention_mask(2, 5, 5))
+
+
+def test_sdpa_with_window_backward(rng: np.random.Generator) -> None:
+    q = rng.normal(size=(B, T, N, H))
+    k, v = rng.normal(size=(B, S, K, H)), rng.normal(size=(B, S, K, H))
+    mask = A.attention_mask(B, T, S, window=3)
+    check_backward(
+        lambda q, k, v: A.sdpa_forward(q, k, v, mask), A.sdpa_backward, [q, k, v], [0, 1, 2], rng
+    )
+    out, _ = A.sdpa_forward(q, k, v, mask)
+    full, _ = A.sdpa_forward(q, k, v, A.attention_mask(B, T, S))
+    np.testing.assert_allclose(out[:, :3], full[:, :3], rtol=1e-12)  # within the window
+    assert np.abs(out[:, 3:] - full[:, 3:]).min() > 0  # beyond it every query changes
+
+
+def test_rope_with_attention_factor(rng: np.random.Generator) -> None:
+    x = rng.normal(size=(B, T, N, H))
+    pos = rng.integers(0, 50, size=(B, T))
+    inv = P.rope_frequencies(H, 10000.0)
+
+    def fwd(x: np.ndarray) -> tuple[np.ndarray, Any]:
+        return P.rope_forward(x, pos, inv, 1.3)
+
+    check_backward(fwd, P.rope_backward, [x], [0], rng)
+    np.testing.assert_allclose(fwd(x)[0], 1.3 * P.rope_forward(x, pos, inv)[0], rtol=1e-12)
+
+
+def test_linear_and_yarn_frequencies() -> None:
+    base = P.rope_frequencies(16, 10000.0)
+    linear = P.rope_frequencies(16, 10000.0, RopeScaling("linear", 4.0))
+    np.testing.assert_allclose(linear, base / 4.0, rtol=1e-15)
+    assert P.rope_attention_factor(RopeScaling("linear", 4.0)) == 1.0
+    # YaRN by hand: the pair index at which a pair turns r times over the context 512 is
+    # 16 ln(512 / (2 pi r)) / (2 ln 10000): 0.81 for r = 32 and 3.82 for r = 1; truncated
+    # to [0, 4], the ramp is (i - 0) / (4 - 0), clipped.
+    yarn = RopeScaling("yarn", 8.0, 512)
+    ramp = np.clip(np.arange(8) / 4.0, 0.0, 1.0)
+    want = base / 8.0 * ramp + base * (1.0 - ramp)
+    np.testing.assert_allclose(P.rope_frequencies(16, 10000.0, yarn), want, rtol=1e-15)
+    assert P.rope_attention_factor(yarn) == pytest.approx(0.1 * math.log(8.0) + 1.0)
+    assert P.rope_attention_factor(RopeScaling("yarn", 8.0, 512, attention_factor=0.7)) == 0.7
+    # without truncation the ramp runs between the fractional ends 0.81 and 3.82
+    lo = 16 * math.log(512 / (2 * math.pi * 32)) / (2 * math.log(10000.0))
+    hi = 16 * math.log(512 / (2 * math.pi)) / (2 * math.log(10000.0))
+    ramp = np.clip((np.arange(8) - lo) / (hi - lo), 0.0, 1.0)
+    np.testing.assert_allclose(
+        P.rope_frequencies(16, 10000.0, RopeScaling("yarn", 8.0, 512, truncate=False)),
+        base / 8.0 * ramp + base * (1.0 - ramp),
+        rtol=1e-14,
+    )
+
+
+def test_rope_scaling_validation_names_the_field() -> None:
+    with pytest.raises(ValueError, match=r"RopeScaling.rope_type: expected one of .*'dynamic'"):
+        RopeScaling("dynamic", 2.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="RopeScaling.original_max_position_embeddings"):
+        RopeScaling("yarn", 2.0)
+    with pytest.raises(ValueError, match=r"RopeScaling.low_freq_factor: not used by .*'linear'"):
+        RopeScaling("linear", 2.0, low_freq_factor=1.0)
+    with pytest.raises(ValueError, match=r"RopeScaling.beta_fast: not used by .*'llama3'"):
+        RopeScaling("llama3", 8.0, 8, 1.0, 4.0, beta_fast=16.0)
+    with pytest.raises(ValueError, match="RopeScaling.factor: expected a positive number"):
+        RopeScaling("linear", 0.0)
+    with pytest.raises(ValueError, match="RopeScaling.attention_factor: expected a positive"):
+        RopeScaling("yarn", 2.0, 8, attention_factor=-1.0)

@@ -33,11 +33,32 @@ CONFIGS: dict[str, ModelConfig] = {
         n_heads=4,
         n_kv_heads=2,
         head_dim=4,
-        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8),
+        rope_scaling=RopeScaling("llama3", 8.0, 8, 1.0, 4.0),
         rope_theta=50.0,
     ),
     "qwen2-tied": llama_config(
         **SMALL, n_heads=3, n_kv_heads=1, head_dim=6, bias="qkv", tie_embeddings=True
+    ),
+    # Mistral v0.1: a sliding window (3 < T) on every layer; YaRN with a fractional ramp
+    "mistral-window-yarn": llama_config(
+        **SMALL,
+        n_heads=2,
+        n_kv_heads=1,
+        head_dim=8,
+        sliding_window=3,
+        rope_scaling=RopeScaling("yarn", 4.0, 64, truncate=False),
+    ),
+    # Qwen3: per-head q/k RMSNorm, head_dim != D / N; the window on layer 1 only; linear RoPE
+    "qwen3-window-linear": llama_config(
+        **SMALL,
+        n_heads=2,
+        n_kv_heads=1,
+        head_dim=6,
+        qk_norm=True,
+        tie_embeddings=True,
+        sliding_window=3,
+        sliding_layers=(1,),
+        rope_scaling=RopeScaling("linear", 2.5),
     ),
 }
 
@@ -229,7 +250,19 @@ def test_config_validation_names_the_field() -> None:
     with pytest.raises(ValueError, match="ModelConfig.head_dim: rope needs an even head_dim"):
         llama_config(**SMALL, n_heads=2, head_dim=5)
     with pytest.raises(ValueError, match="RopeScaling.high_freq_factor"):
-        RopeScaling(8.0, 4.0, 1.0, 8)
+        RopeScaling("llama3", 8.0, 8, 4.0, 1.0)
+    with pytest.raises(ValueError, match="ModelConfig.sliding_window: expected a positive int"):
+        llama_config(**SMALL, n_heads=2, head_dim=4, sliding_window=0)
+    with pytest.raises(ValueError, match="ModelConfig.sliding_layers: set without a sliding"):
+        llama_config(**SMALL, n_heads=2, head_dim=4, sliding_layers=(1,))
+    with pytest.raises(ValueError, match=r"sliding_layers: .* in \[0, 2\), got \(0, 2\)"):
+        llama_config(**SMALL, n_heads=2, head_dim=4, sliding_window=3, sliding_layers=(0, 2))
+    with pytest.raises(ValueError, match=r"sliding_layers: .*increasing.*got \[1\]"):
+        llama_config(**SMALL, n_heads=2, head_dim=4, sliding_window=3, sliding_layers=[1])
+    with pytest.raises(ValueError, match="ModelConfig.qk_norm: not available with gpt2"):
+        gpt2_config(**SMALL, n_heads=2, qk_norm=True)
+    cfg = CONFIGS["qwen3-window-linear"]
+    assert [cfg.layer_window(i) for i in range(2)] == [None, 3]
 
 
 def test_model_input_errors(rng: np.random.Generator) -> None:

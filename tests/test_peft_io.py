@@ -140,29 +140,46 @@ def test_float32_default(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("cfg", "targets", "written"),
+    ("cfg", "targets", "layers", "written", "written_layers"),
     [
         # GPT-2's c_proj is in attn and mlp: a name alone would select both.
         (
             GPT2,
             (r"layers\.\d+\.attn\.c_proj",),
+            None,
             ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"],
+            None,
         ),
+        # Some layers, by regex or by layers_to_transform: short names and the layers.
+        (LLAMA, (r"layers\.0\.attn\.[qv]_proj",), None, ["q_proj", "v_proj"], [0]),
+        (LLAMA, ("q_proj", "v_proj"), (1,), ["q_proj", "v_proj"], [1]),
+        (GPT2, ("c_proj",), (1,), ["c_proj"], [1]),
+        # Different projections in different layers: only full names say it.
         (
             LLAMA,
-            (r"layers\.0\.attn\.[qv]_proj",),
-            ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"],
+            (r"layers\.0\.attn\.q_proj", r"layers\.1\.mlp\.up_proj"),
+            None,
+            ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"],
+            None,
         ),
     ],
 )
-def test_subset_written_by_full_name(
-    tmp_path: Path, cfg: ModelConfig, targets: tuple[str, ...], written: list[str]
+def test_subset_written_precisely(
+    tmp_path: Path,
+    cfg: ModelConfig,
+    targets: tuple[str, ...],
+    layers: tuple[int, ...] | None,
+    written: list[str],
+    written_layers: list[int] | None,
 ) -> None:
-    lora = LoraConfig(rank=2, alpha=4.0, targets=targets)
+    lora = LoraConfig(rank=2, alpha=4.0, targets=targets, layers_to_transform=layers)
     params = _adapted(cfg, lora)
     out = save_adapter(params, cfg, lora, tmp_path / "ad", base_model_name_or_path="x")
-    assert json.loads((out / CONFIG_FILE).read_text())["target_modules"] == written
+    conf = json.loads((out / CONFIG_FILE).read_text())
+    assert (conf["target_modules"], conf["layers_to_transform"]) == (written, written_layers)
     got_lora, got = load_adapter(out, cfg, dtype=np.float64)
+    assert set(got) == {path for path, p in projections(params) if "lora_A" in p}
+    assert got_lora.layers_to_transform == (None if written_layers is None else (*written_layers,))
     base, _ = split_lora(params)
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (3, 7))
     want, _ = model_forward(params, cfg, ids, lora_scale=lora.scale)
@@ -172,7 +189,8 @@ def test_subset_written_by_full_name(
     again = save_adapter(
         join_lora(base, got), cfg, got_lora, tmp_path / "again", base_model_name_or_path="x"
     )
-    assert json.loads((again / CONFIG_FILE).read_text())["target_modules"] == written
+    conf = json.loads((again / CONFIG_FILE).read_text())
+    assert (conf["target_modules"], conf["layers_to_transform"]) == (written, written_layers)
 
 
 def test_round_trip_forward_and_perturbation(tmp_path: Path) -> None:
@@ -294,8 +312,10 @@ def _edit_config(out: Path, **fields: Any) -> None:
         ("modules_to_save", ["lm_head"]),
         ("bias", "all"),
         ("lora_bias", True),
-        ("layers_to_transform", [0]),
-        ("layers_pattern", "layers"),
+        ("layers_to_transform", "0"),
+        ("layers_to_transform", [True]),
+        ("layers_pattern", 3),
+        ("layers_pattern", "layers"),  # without layers_to_transform
         ("rank_pattern", {"q_proj": 4}),
         ("alpha_pattern", {"q_proj": 4}),
         ("trainable_token_indices", [1, 2]),
@@ -315,6 +335,35 @@ def test_unsupported_option(tmp_path: Path, field: str, value: Any) -> None:
         AdapterError, match=rf"{CONFIG_FILE}: .*{field}={value!r}".replace("[", r"\[")
     ):
         load_adapter(out, cfg)
+
+
+def test_layers_to_transform_followed(tmp_path: Path) -> None:
+    """PEFT's layer selection: an int or a list, the index read after ``layers_pattern`` (or
+    the first ``.<word>.<digits>.``), only with a list of names; tensors outside it refused."""
+    cfg = LLAMA
+    lora = LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "v_proj"), layers_to_transform=(1,))
+    out = save_adapter(_adapted(cfg, lora), cfg, lora, tmp_path / "ad", base_model_name_or_path="x")
+    for layers, pattern in ((1, "layers"), ([1], ["h", "layers"]), ([1, 5], None)):
+        _edit_config(out, layers_to_transform=layers, layers_pattern=pattern)
+        got_lora, got = load_adapter(out, cfg)
+        assert sorted(got) == ["layers.1.attn.q_proj", "layers.1.attn.v_proj"]
+        assert got_lora.layers_to_transform == (1,)
+    _edit_config(out, layers_to_transform=[0], layers_pattern=None)  # tensors of layer 1
+    with pytest.raises(
+        AdapterError,
+        match=r"q_proj.lora_A.weight' is for a module that "
+        r"target_modules=\['q_proj', 'v_proj'\] with layers_to_transform=\[0\]",
+    ):
+        load_adapter(out, cfg)
+    _edit_config(out, layers_to_transform=[1], layers_pattern="h")  # no "h.<i>." in the names
+    with pytest.raises(AdapterError, match="does not select"):
+        load_adapter(out, cfg)
+    regex = r"model\.layers\.1\.self_attn\.(q|v)_proj"
+    _edit_config(out, target_modules=regex, layers_to_transform=[1], layers_pattern=None)
+    with pytest.raises(AdapterError, match=r"layers_to_transform=\[1\] with a regex target_mod"):
+        load_adapter(out, cfg)
+    _edit_config(out, layers_to_transform=None)  # the regex alone selects the same modules
+    assert sorted(load_adapter(out, cfg)[1]) == ["layers.1.attn.q_proj", "layers.1.attn.v_proj"]
 
 
 def test_bad_dropout(tmp_path: Path) -> None:

@@ -84,7 +84,71 @@ FAMILIES: dict[str, dict[str, Any]] = {
         tie_word_embeddings=True,
     ),
     "gpt2": dict(cls="GPT2Config", n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    # Mistral v0.1: a window of 4 on every layer, shorter than the 11-token test sequences
+    "mistral-window": dict(
+        cls="MistralConfig",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        sliding_window=4,
+    ),
+    # Qwen2 with use_sliding_window: the window on layers >= max_window_layers only
+    "qwen2-window-layers": dict(
+        cls="Qwen2Config",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=1,
+    ),
+    # Qwen3: per-head q_norm / k_norm, head_dim 12 != hidden / heads = 8, tied embeddings
+    "qwen3": dict(
+        cls="Qwen3Config",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    ),
+    "llama-linear-rope": dict(
+        cls="LlamaConfig",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=500.0,
+        rope_scaling={"rope_type": "linear", "factor": 4.0},
+    ),
+    "qwen2-yarn-rope": dict(
+        cls="Qwen2Config",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=500.0,
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "beta_fast": 8.0,
+        },
+    ),
 }
+SCALED_ROPE = ("llama3-rope-tied", "llama-linear-rope", "qwen2-yarn-rope")
 
 
 def make_hf_model(name: str, out: Path, **save_kwargs: Any) -> Any:
@@ -124,7 +188,7 @@ def test_spec_and_engine_match_transformers(name: str, tmp_path: Path) -> None:
     assert rel_err(out[keep], want[keep]) <= HF_RTOL
 
 
-def test_a_wrong_rope_setting_is_caught(tmp_path: Path) -> None:
+def test_a_wrong_llama3_rope_setting_is_caught(tmp_path: Path) -> None:
     hf = make_hf_model("llama3-rope-tied", tmp_path)
     ids = np.random.default_rng(1).integers(0, V, size=(1, 40))
     cfg, params = load_model(tmp_path)
@@ -134,17 +198,185 @@ def test_a_wrong_rope_setting_is_caught(tmp_path: Path) -> None:
     assert rel_err(bad, hf_logits(hf, ids)) > 100 * HF_RTOL
 
 
-def test_transformers4_and_5_rope_forms_load_alike(tmp_path: Path) -> None:
-    make_hf_model("llama3-rope-tied", tmp_path)
-    cfg5 = load_config(tmp_path)
-    raw = json.loads((tmp_path / "config.json").read_text())
-    params = raw.pop("rope_parameters", None) or {}
-    old = {**raw, "rope_theta": params.get("rope_theta", raw.get("rope_theta"))}
-    if params.get("rope_type") == "llama3":
-        old["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
-    (tmp_path / "config.json").write_text(json.dumps(old))
-    assert load_config(tmp_path) == cfg5
+@pytest.mark.parametrize("name", SCALED_ROPE)
+def test_transformers4_and_5_rope_forms_load_alike(name: str, tmp_path: Path) -> None:
+    """transformers 5 writes ``rope_parameters``; the same checkpoint spelled the
+    transformers-4 way (``rope_theta`` + ``rope_scaling`` with ``type``) loads to the same
+    config, and transformers reads it to the same logits."""
+    hf = make_hf_model(name, tmp_path / "5")
+    cfg5, params = load_model(tmp_path / "5")
+    raw = json.loads((tmp_path / "5" / "config.json").read_text())
+    rope = dict(raw.pop("rope_parameters"))
+    old = {**raw, "rope_theta": rope.pop("rope_theta")}
+    old["rope_scaling"] = {"type": rope.pop("rope_type"), **rope}
+    hf.save_pretrained(tmp_path / "4", safe_serialization=True)
+    (tmp_path / "4" / "config.json").write_text(json.dumps(old))
+    assert load_config(tmp_path / "4") == cfg5
     assert cfg5.rope_scaling is not None and cfg5.rope_theta == 500.0
+    assert cfg5.rope_scaling.rope_type == old["rope_scaling"]["type"]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "4").float().eval()
+    ids = np.random.default_rng(4).integers(0, V, size=(1, 40))
+    assert rel_err(model_forward(params, cfg5, ids)[0], hf_logits(back, ids)) <= HF_RTOL
+
+
+@pytest.mark.parametrize("name", [*SCALED_ROPE[1:], "mistral-window", "qwen2-window-layers"])
+def test_a_wrong_setting_is_caught(name: str, tmp_path: Path) -> None:
+    """Dropping the RoPE scaling or the sliding window moves the logits far off
+    transformers': the comparisons above could fail."""
+    hf = make_hf_model(name, tmp_path)
+    ids = np.random.default_rng(1).integers(0, V, size=(1, 40))
+    cfg, params = load_model(tmp_path)
+    assert rel_err(model_forward(params, cfg, ids)[0], hf_logits(hf, ids)) <= HF_RTOL
+    if cfg.rope_scaling is not None:
+        wrong = cfg.replace(rope_scaling=None)
+    else:
+        assert cfg.sliding_window == 4
+        wrong = cfg.replace(sliding_window=None, sliding_layers=None)
+    bad, _ = model_forward(params, wrong, ids)
+    assert rel_err(bad, hf_logits(hf, ids)) > 100 * HF_RTOL
+
+
+def test_sliding_windows_load_per_layer(tmp_path: Path) -> None:
+    make_hf_model("qwen2-window-layers", tmp_path / "qwen2")
+    cfg = load_config(tmp_path / "qwen2")
+    assert (cfg.sliding_window, cfg.sliding_layers) == (4, (1,))
+    assert [cfg.layer_window(i) for i in range(2)] == [None, 4]
+    make_hf_model("mistral-window", tmp_path / "mistral")
+    cfg = load_config(tmp_path / "mistral")
+    assert (cfg.sliding_window, cfg.sliding_layers) == (4, None)
+    raw = json.loads((tmp_path / "qwen2" / "config.json").read_text())
+    # transformers 4 wrote no layer_types: max_window_layers decides
+    del raw["layer_types"]
+    (tmp_path / "qwen2" / "config.json").write_text(json.dumps({**raw, "max_window_layers": 0}))
+    assert load_config(tmp_path / "qwen2").sliding_layers is None  # every layer
+    (tmp_path / "qwen2" / "config.json").write_text(
+        json.dumps({**raw, "use_sliding_window": False})
+    )
+    assert load_config(tmp_path / "qwen2").sliding_window is None
+
+
+def test_yarn_frequencies_match_transformers() -> None:
+    """``rope_frequencies`` and ``rope_attention_factor`` against transformers' own
+    ``_compute_yarn_parameters``, across its options."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from ref_numpy.hf_io import config_from_hf
+    from ref_numpy.positional import rope_attention_factor, rope_frequencies
+
+    base = dict(
+        vocab_size=V,
+        hidden_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+    )
+    cases = [
+        {"factor": 4.0, "original_max_position_embeddings": 1024},
+        {"factor": 4.0, "original_max_position_embeddings": 1024, "truncate": False},
+        {"factor": 8.0, "original_max_position_embeddings": 512, "beta_fast": 16, "beta_slow": 2},
+        {"factor": 4.0, "original_max_position_embeddings": 1024, "attention_factor": 0.9},
+        {
+            "factor": 40.0,
+            "original_max_position_embeddings": 4096,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.707,
+        },
+        {"factor": None, "original_max_position_embeddings": 512},  # factor = 4096 / 512
+    ]
+    for case in cases:
+        rope = {"rope_type": "yarn", **case}
+        hf_cfg = transformers.LlamaConfig(**base, rope_scaling=dict(rope))
+        want_freq, want_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg, "cpu")
+        cfg = config_from_hf(
+            {
+                **base,
+                "model_type": "llama",
+                "num_hidden_layers": 1,
+                "intermediate_size": 8,
+                "rope_scaling": rope,
+            }
+        )
+        got = rope_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling)
+        np.testing.assert_allclose(got, want_freq.double().numpy(), rtol=1e-6, err_msg=str(case))
+        assert rope_attention_factor(cfg.rope_scaling) == pytest.approx(want_factor, rel=1e-12)
+
+
+def test_unknown_rope_types_are_named(tmp_path: Path) -> None:
+    make_hf_model("llama-gqa", tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    for field, value in (
+        ("rope_scaling", {"type": "dynamic", "factor": 2.0}),
+        ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4}),
+    ):
+        (tmp_path / "config.json").write_text(json.dumps({**raw, field: value}))
+        kind = value.get("type", value.get("rope_type"))
+        with pytest.raises(CheckpointError, match=rf"unsupported {field}.rope_type='{kind}'"):
+            load_config(tmp_path)
+    bad = {"rope_type": "yarn", "factor": "big", "original_max_position_embeddings": 16}
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "rope_parameters": bad}))
+    with pytest.raises(CheckpointError, match=r"rope_parameters.factor must be a number"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["mistral-window", "qwen2-window-layers", "qwen3"])
+def test_greedy_decoding_matches_transformers(name: str, tmp_path: Path) -> None:
+    """KV-cache decoding past the sliding window: the engine's greedy tokens and the spec's
+    are transformers' (``generate`` with its cache)."""
+    from jax_impl.generate import generate
+    from jax_impl.model import from_spec
+    from ref_numpy.generate import generate as spec_generate
+
+    hf = make_hf_model(name, tmp_path)
+    cfg, params = load_model(tmp_path)
+    prompt = np.random.default_rng(5).integers(0, V, size=(2, 6))
+    with torch.no_grad():
+        want = hf.generate(
+            torch.tensor(prompt), max_new_tokens=8, do_sample=False, pad_token_id=0
+        ).numpy()
+    np.testing.assert_array_equal(spec_generate(params, cfg, prompt, 8), want)
+    np.testing.assert_array_equal(generate(from_spec(params, cfg), prompt, 8), want)
+
+
+def test_save_model_writes_what_transformers_reads(tmp_path: Path) -> None:
+    """Windows, q/k norms and yarn scaling survive save_model: transformers loads the
+    written checkpoint to the same logits, and so do we."""
+    for name in ("qwen2-window-layers", "qwen3", "mistral-window", "qwen2-yarn-rope"):
+        make_hf_model(name, tmp_path / name)
+        cfg, params = load_model(tmp_path / name)
+        save_model(params, cfg, tmp_path / f"{name}-out")
+        assert load_config(tmp_path / f"{name}-out") == cfg
+        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"{name}-out")
+        ids = np.random.default_rng(6).integers(0, V, size=(1, 12))
+        got = model_forward(params, cfg, ids)[0]
+        assert rel_err(got, hf_logits(back.float().eval(), ids)) <= HF_RTOL, name
+
+
+def test_gpt2_special_ids_outside_a_small_vocab_are_absent(tmp_path: Path) -> None:
+    """GPT2Config(vocab_size=97) keeps bos / eos 50256: transformers loads it, and so do we,
+    with a warning naming the field, the special tokens treated as absent."""
+    import tokenizers
+
+    from jax_impl.data import load_tokenizer
+
+    hf = make_hf_model("gpt2", tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert (raw["bos_token_id"], raw["eos_token_id"], raw["vocab_size"]) == (50256, 50256, V)
+    vocab = {f"w{i}": i for i in range(V)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.warns(UserWarning, match=r"config.json: field 'bos_token_id' = 50256 is outside"):
+        ours = load_tokenizer(tmp_path)
+    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (None, None, None)
+    assert ours.encode("w3 w5") == [3, 5]
+    cfg, params = load_model(tmp_path)
+    ids = np.random.default_rng(7).integers(0, V, size=(1, 9))
+    assert rel_err(model_forward(params, cfg, ids)[0], hf_logits(hf, ids)) <= HF_RTOL
+    # a Llama-3 style list keeps its first id inside the vocabulary
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "eos_token_id": [50256, 7, 9]}))
+    with pytest.warns(UserWarning, match=r"field 'eos_token_id' = 50256"):
+        assert load_tokenizer(tmp_path).eos_id == 7
 
 
 def test_sharded_checkpoint_and_bf16(tmp_path: Path) -> None:
