@@ -12,6 +12,8 @@ import argparse
 import dataclasses
 import json
 import sys
+import types
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,7 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument("--model", required=True, help="model directory (Hugging Face)")
     quant.add_argument("--out", required=True, help="output directory")
-    quant.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES)
+    quant.add_argument(
+        "--blocksize",
+        type=int,
+        default=64,
+        choices=BLOCKSIZES,
+        help="weights per absmax block (default: 64)",
+    )
     quant.add_argument("--no-double-quant", action="store_true", help="keep the absmax in float32")
     quant.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
@@ -88,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--max-length", type=int, help="tokens per example (default: the model's, at most 512)"
     )
-    ev.add_argument("--batch-size", type=int, default=4)
-    ev.add_argument("--train-on-prompt", action="store_true")
+    ev.add_argument("--batch-size", type=int, default=4, help="rows per batch (default: 4)")
+    ev.add_argument(
+        "--train-on-prompt",
+        action="store_true",
+        help="count prompt tokens in the loss too, as training with it did",
+    )
 
     gen = sub.add_parser("generate", help="continue a prompt with a model (and an adapter)")
     gen.add_argument(
@@ -98,11 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--adapter", help="PEFT adapter directory")
     gen.add_argument("--prompt", required=True, help="the prompt text (the user turn in --chat)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)"
+    )
+    gen.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy"
+    )
+    gen.add_argument("--top-k", type=int, help="sample among the k likeliest tokens only")
+    gen.add_argument(
+        "--top-p", type=float, help="sample among the likeliest tokens of total probability p"
+    )
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument(
         "--method",
@@ -115,7 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         "memory", help="bits per base parameter for 16-bit, NF4 and NF4 + double quantization"
     )
     mem.add_argument("--params", type=float, default=1.1e9, help="base parameter count")
-    mem.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES)
+    mem.add_argument(
+        "--blocksize",
+        type=int,
+        default=64,
+        choices=BLOCKSIZES,
+        help="weights per absmax block (default: 64)",
+    )
     return parser
 
 
@@ -124,44 +148,72 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     ``--config FILE`` (TOML, YAML or JSON with the same keys; flags win)."""
     from .train import TrainConfig
 
-    p.add_argument("--config", help="TOML / YAML / JSON file with the same keys as the flags")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML, YAML or JSON file of the same keys as the flags; flags given win",
+    )
     add_flags(p, TrainConfig)
 
 
 def add_flags(p: argparse.ArgumentParser, cls: Any) -> None:
-    """One flag per field of the dataclass ``cls``, its help the field's comment; unset
-    flags parse as None (so a config file or the dataclass default applies)."""
-    comments = field_comments(cls)
+    """One flag per field of the dataclass ``cls`` (``max_length`` -> ``--max-length``).
+
+    The help is the field's ``metadata["help"]`` and its default (``metadata["default_text"]``
+    where the value alone does not say it; "required" for a field without a default); the
+    placeholder is ``metadata["metavar"]`` where given (``DIR``); the choices are those of a
+    ``Literal`` annotation; a bool gets ``--x`` / ``--no-x``; a tuple takes names separated by
+    spaces or commas. A flag left out is absent from the parsed namespace, so what was typed
+    can be told from what was defaulted.
+    """
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            raise TypeError(f"{cls.__name__}.{f.name}: no metadata['help'] to show in --help")
+        kind, choices = _kind(hints[f.name])
+        text = f"{f.metadata['help']} ({_default_text(f)})".replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
-        kind = str(f.type)
-        required = f.default is dataclasses.MISSING
-        default = "required" if required else f"default: {f.default!r}"
-        text = f"{comments.get(f.name, '')} ({default})".lstrip()
-        if kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif "tuple" in kind:
-            p.add_argument(flag, nargs="+", default=None, metavar="NAME", help=text)
+        common: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text}
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif kind is tuple:
+            p.add_argument(flag, nargs="+", metavar=f.metadata.get("metavar", "NAME"), **common)
+        elif choices:
+            p.add_argument(flag, type=kind, choices=choices, **common)
         else:
-            cast = int if kind.startswith("int") else float if kind.startswith("float") else str
-            p.add_argument(flag, type=cast, default=None, help=text)
+            metavar = {int: "N", float: "X"}.get(kind, f.name.upper())
+            metavar = f.metadata.get("metavar", metavar)
+            p.add_argument(flag, type=kind, metavar=metavar, **common)
 
 
-def field_comments(cls: Any) -> dict[str, str]:
-    """``{field: the comment after it}`` from the dataclass's source (its documentation)."""
-    import inspect
-    import re
+def _kind(hint: Any) -> tuple[type, tuple[Any, ...]]:
+    """``(bool | int | float | str | tuple, Literal choices)`` of a field's annotation."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        hint = args[0]  # X | None
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
+        return type(choices[0]), choices
+    if typing.get_origin(hint) is tuple:
+        return tuple, ()
+    if hint in (bool, int, float, str):
+        return hint, ()
+    raise TypeError(f"no flag for a field annotated {hint!r}")
 
-    pattern = re.compile(r"^\s+(\w+):[^#]*#\s*(.+)$")
-    return {
-        m.group(1): m.group(2).strip()
-        for line in inspect.getsource(cls).splitlines()
-        if (m := pattern.match(line))
-    }
+
+def _default_text(f: dataclasses.Field) -> str:
+    if "default_text" in f.metadata:
+        return f"default: {f.metadata['default_text']}"
+    if f.default is dataclasses.MISSING:
+        return "required"
+    if isinstance(f.default, bool):
+        return f"default: {'on' if f.default else 'off'}"
+    if isinstance(f.default, tuple):
+        return f"default: {' '.join(map(str, f.default))}"
+    return f"default: {f.default}"
 
 
 def _read_config(path: str) -> dict:
-    import json
     import pathlib
 
     text = pathlib.Path(path).read_text()
@@ -171,27 +223,108 @@ def _read_config(path: str) -> dict:
         except ModuleNotFoundError:  # Python 3.10
             import tomli as tomllib
 
-        return tomllib.loads(text)
-    if path.endswith((".yaml", ".yml")):
+        data: Any = tomllib.loads(text)
+    elif path.endswith((".yaml", ".yml")):
         import yaml
 
-        return dict(yaml.safe_load(text) or {})
-    return dict(json.loads(text))
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a table of keys and values, got {type(data).__name__}")
+    return data
+
+
+def _value(value: Any, hint: Any, where: str) -> Any:
+    """A config file's ``value`` checked against the field's annotation ``hint`` (a tuple
+    field takes a list or a comma-separated string)."""
+    kind, choices = _kind(hint)
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    if kind is tuple:
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list or a comma-separated string")
+        return _items(value, hint, where)
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}")
+    if choices and value not in choices:
+        raise ValueError(f"{where}: expected one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _items(values: Sequence[Any], hint: Any, where: str) -> tuple[Any, ...]:
+    """The items of a tuple field from flags or a config file, each string split at commas
+    and spaces: ``["q_proj,v_proj", "o_proj"]`` -> ``("q_proj", "v_proj", "o_proj")``, and
+    ``["0,2"]`` -> ``(0, 2)`` for a ``tuple[int, ...]`` field."""
+    (item,) = {a for a in typing.get_args(_tuple_hint(hint)) if a is not Ellipsis}
+    words: list[Any] = []
+    for v in values:
+        words += v.replace(",", " ").split() if isinstance(v, str) else [v]
+    if item is str:
+        if not all(isinstance(w, str) for w in words):
+            raise ValueError(f"{where}: expected names, got {list(values)!r}")
+        return tuple(words)
+    try:
+        return tuple(int(w) for w in words if not isinstance(w, (bool, float)))
+    except ValueError:
+        raise ValueError(f"{where}: expected integers, got {list(values)!r}") from None
+
+
+def _tuple_hint(hint: Any) -> Any:
+    """``tuple[X, ...]`` out of ``tuple[X, ...] | None``."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+
+
+def _fields(args: argparse.Namespace, cls: Any) -> dict[str, Any]:
+    """The flags typed for the dataclass ``cls``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    hints = typing.get_type_hints(cls)
+    return {
+        k: _items(v, hints[k], "--" + k.replace("_", "-")) if _kind(hints[k])[0] is tuple else v
+        for k, v in given.items()
+    }
+
+
+def _required(values: dict[str, Any], cls: Any, command: str) -> None:
+    """Refuse ``values`` that lack a field of ``cls`` without a default, naming its flag."""
+    for f in dataclasses.fields(cls):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if f.name not in values:
+                raise ValueError(f"{command}: --{f.name.replace('_', '-')} is required")
 
 
 def train_config(args: argparse.Namespace) -> Any:
-    """The resolved ``TrainConfig``: defaults, then the --config file, then flags."""
-    from .train import TrainConfig
+    """The resolved ``TrainConfig``: defaults, then the --config file, then flags.
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    LoRA flags (``--rank`` ...) given with ``--method full``, typed or in the file, are an
+    error: they would change nothing.
+    """
+    from .train import LORA_FIELDS, TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
     values: dict[str, Any] = {}
-    if args.config:
+    if getattr(args, "config", None):
         for key, value in _read_config(args.config).items():
-            name = key.replace("-", "_")
-            if name not in names:
+            name = str(key).replace("-", "_")
+            if name not in hints:
                 raise ValueError(f"{args.config}: unknown key {key!r}")
-            values[name] = value
-    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+            values[name] = _value(value, hints[name], f"{args.config}: {key}")
+    values.update(_fields(args, TrainConfig))
+    if values.get("method") == "full":
+        for name in LORA_FIELDS:
+            if name in values:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(
+                    f"train: {flag} sets the LoRA adapters, and --method full trains every "
+                    f"weight without them; leave out {flag} or use --method lora / qlora"
+                )
     if "model" not in values and "data" not in values:  # the bundled base model and task
         from .demo import BASE, RECIPE, TASK_TRAIN
 
@@ -203,11 +336,7 @@ def train_config(args: argparse.Namespace) -> Any:
             **RECIPE,
             **values,
         }
-    for need in ("model", "data", "out"):
-        if need not in values:
-            raise ValueError(f"train: --{need} is required (as a flag or in --config)")
-    if "targets" in values:
-        values["targets"] = tuple(values["targets"])
+    _required(values, TrainConfig, "train")
     return TrainConfig(**values)
 
 
@@ -228,12 +357,6 @@ def _base_model(args: argparse.Namespace) -> str:
             f"{path}: base_model_name_or_path {base!r} is not a local directory; pass --model"
         )
     return base
-
-
-def _fields(args: argparse.Namespace, cls: Any) -> dict[str, Any]:
-    """The flags given for the dataclass ``cls``."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
 def _eval(args: argparse.Namespace) -> dict:
@@ -336,8 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .pretrain import PretrainConfig, pretrain
 
             pc = _fields(args, PretrainConfig)
-            if "out" not in pc:
-                raise ValueError("pretrain: --out is required")
+            _required(pc, PretrainConfig, "pretrain")
             print(json.dumps(pretrain(PretrainConfig(**pc))))
         elif args.command == "demo":
             from .demo import DemoConfig

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from . import corpus
 from .checkpoint import load_pretrained
 from .data import load_tokenizer, read_jsonl
 from .generate import generate_many
-from .model import EngineConfig, Model
+from .model import EngineConfig, Model, trainable_params
 
 ASSETS = Path(__file__).parent / "assets"
 BASE = ASSETS / "base"
@@ -54,14 +55,22 @@ RECIPE: dict[str, Any] = {
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    """What ``qlora-spec demo`` takes; field names are the flags."""
+    """What ``qlora-spec demo`` takes; field names are the flags, ``metadata["help"]`` their
+    help."""
 
-    out: str = "qlora-spec-demo"  # output directory (report, loss curves, adapters)
-    steps: int = RECIPE["steps"]  # fine-tuning steps of LoRA and of QLoRA
-    heldout: int = N_HELDOUT  # held-out examples scored (the first ones)
-    shots: int = 3  # solved examples in the few-shot prompt
-    batch_size: int = 50  # rows per generation batch
-    overwrite: bool = False  # replace an existing --out
+    out: str = field(
+        default="qlora-spec-demo",
+        metadata={"help": "output directory (report, loss curves, adapters)", "metavar": "DIR"},
+    )
+    steps: int = field(
+        default=RECIPE["steps"], metadata={"help": "fine-tuning steps of LoRA and of QLoRA"}
+    )
+    heldout: int = field(
+        default=N_HELDOUT, metadata={"help": "held-out examples scored (the first ones)"}
+    )
+    shots: int = field(default=3, metadata={"help": "solved examples in the few-shot prompt"})
+    batch_size: int = field(default=50, metadata={"help": "rows per generation batch"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out"})
 
     def __post_init__(self) -> None:
         for name, low, high in (
@@ -101,11 +110,6 @@ def write_task(directory: Path, seed: int = 0) -> None:
 def base_weight_bytes(model: Model) -> int:
     """Bytes of every weight that is not an adapter (float or NF4 base, norms, embeddings)."""
     return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Not(nnx.LoRAParam))))
-
-
-def trainable_params(model: Model) -> int:
-    """Parameters of the adapters."""
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
 
 
 def answer(text: str) -> str:

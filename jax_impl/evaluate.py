@@ -19,7 +19,7 @@ from .checkpoint import load_pretrained
 from .data import batches as make_batches
 from .data import bucket_lengths, encode_file, unpacked_rows
 from .model import EngineConfig
-from .train import token_loss_sum
+from .train import resolve_max_length, token_loss_sum
 
 
 def evaluate_file(
@@ -41,13 +41,7 @@ def evaluate_file(
     checkpoint is always read as NF4).
     """
     cfg = hf_io.load_config(model_dir)
-    if max_length is None:
-        max_length = min(512, cfg.max_seq_len)
-    if max_length > cfg.max_seq_len:
-        raise ValueError(
-            f"--max-length {max_length} exceeds the model's max_position_embeddings "
-            f"({cfg.max_seq_len})"
-        )
+    max_length = resolve_max_length(max_length, cfg.max_seq_len)
     encoded, _, tok, _ = encode_file(
         model_dir, data, cfg.vocab_size, max_length, train_on_prompt=train_on_prompt
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -40,27 +41,43 @@ SPLIT = r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
-    """Everything ``qlora-spec pretrain`` takes; field names are the flags."""
+    """Everything ``qlora-spec pretrain`` takes; field names are the flags, ``metadata["help"]``
+    their help."""
 
-    out: str  # output model directory
-    data: str | None = None  # JSONL with "text" fields; default: the generated corpus
-    docs: int = 60_000  # documents of the generated corpus
-    corpus_seed: int = 0  # seed of the generated corpus
-    vocab_size: int = 1024  # BPE vocabulary, special tokens included
-    d_model: int = 192  # D
-    n_layers: int = 4  # decoder blocks
-    n_heads: int = 4  # N query heads
-    n_kv_heads: int = 2  # K key/value heads (grouped-query attention)
-    d_ff: int = 512  # F, SwiGLU hidden width
-    max_length: int = 256  # tokens per packed row, and the model's context
-    steps: int = 800  # optimizer steps
-    batch_size: int = 16  # rows per step
-    lr: float = 3e-3  # peak learning rate
-    warmup: int = 80  # warmup steps
-    weight_decay: float = 0.1  # AdamW decoupled weight decay
-    init_std: float = 0.02  # normal init of every matrix
-    seed: int = 0  # init and data order
-    overwrite: bool = False  # replace an existing --out
+    out: str = field(metadata={"help": "output model directory", "metavar": "DIR"})
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": 'JSONL file with a string field "text" per line',
+            "metavar": "FILE",
+            "default_text": "the generated corpus",
+        },
+    )
+    docs: int = field(default=60_000, metadata={"help": "documents of the generated corpus"})
+    corpus_seed: int = field(default=0, metadata={"help": "seed of the generated corpus"})
+    vocab_size: int = field(
+        default=1024, metadata={"help": "BPE vocabulary, special tokens included"}
+    )
+    d_model: int = field(default=192, metadata={"help": "model width D"})
+    n_layers: int = field(default=4, metadata={"help": "decoder blocks"})
+    n_heads: int = field(default=4, metadata={"help": "N query heads"})
+    n_kv_heads: int = field(
+        default=2, metadata={"help": "K key/value heads (grouped-query attention)"}
+    )
+    d_ff: int = field(default=512, metadata={"help": "F, SwiGLU hidden width"})
+    max_length: int = field(
+        default=256, metadata={"help": "tokens per packed row, and the model's context"}
+    )
+    steps: int = field(default=800, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=16, metadata={"help": "rows per step"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    warmup: int = field(default=80, metadata={"help": "steps of linear warmup from 0 to --lr"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decoupled weight decay"})
+    init_std: float = field(
+        default=0.02, metadata={"help": "standard deviation of the normal init of every matrix"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the init and the data order"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out"})
 
     def __post_init__(self) -> None:
         for name in (

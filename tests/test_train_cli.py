@@ -5,18 +5,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jax_impl.cli import main
 from jax_impl.data import save_byte_tokenizer
-from ref_numpy.config import llama_config
+from jax_impl.train import TrainConfig, resolve_max_length, resolve_targets
+from ref_numpy.config import gpt2_config, llama_config
 from ref_numpy.hf_io import save_model
 from ref_numpy.model import init_params
 from ref_numpy.peft_io import load_adapter
@@ -74,8 +77,6 @@ def train_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]
         "3e-2",
         "--batch-size",
         "4",
-        "--max-length",
-        "128",
         "--seed",
         "3",
         "--dropout",
@@ -264,14 +265,289 @@ def test_train_config_is_validated(
 ) -> None:
     data = write_chat_data(tmp_path / "chat.jsonl", n=4)
     for flags, message in [
-        (["--method", "foo"], "TrainConfig.method: expected one of"),
-        (["--dtype", "float8"], "TrainConfig.dtype: expected one of"),
+        (["--method", "foo"], "argument --method: invalid choice: 'foo'"),
+        (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+        (["--rank", "two"], "argument --rank: invalid int value: 'two'"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            main(train_args(model_dir, data, tmp_path / "o", *flags))
+        assert stop.value.code == 2
+        assert message in capsys.readouterr().err
+    conf = tmp_path / "c.toml"
+    for line, message in [
+        ('method = "foo"', "c.toml: method: expected one of ['full', 'lora', 'qlora'], got 'foo'"),
+        ('rank = "16"', "c.toml: rank: expected int, got '16'"),
+        ("packing = 1", "c.toml: packing: expected bool, got 1"),
+        ("targets = 3", "c.toml: targets: expected names, got [3]"),
+    ]:
+        conf.write_text(line + "\n")
+        assert main(train_args(model_dir, data, tmp_path / "o", "--config", str(conf))) == 2
+        assert message in capsys.readouterr().err
+    for flags, message in [
         (["--checkpoint-interval", "0"], "TrainConfig.checkpoint_interval: expected >= 1"),
         (["--max-length", "4096"], "--max-length 4096 exceeds the model's"),
     ]:
         assert main(train_args(model_dir, data, tmp_path / "o", *flags)) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "o").exists() and not (tmp_path / ".o.run").exists()
+    with pytest.raises(ValueError, match="TrainConfig.dtype: expected one of"):
+        TrainConfig(model="m", data="d", out="o", dtype="float8")  # type: ignore[arg-type]
+
+
+def last_json(capsys: pytest.CaptureFixture[str]) -> dict:
+    return dict(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+
+
+def test_max_length_defaults_to_the_model_context(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model of context 48 trains without --max-length (the default is min(512, 48)),
+    and refuses an explicit --max-length above its context."""
+    short = CFG.replace(max_seq_len=48)
+    base = tmp_path / "short"
+    save_model(init_params(short, np.random.default_rng(0), std=0.1), short, base)
+    save_byte_tokenizer(base)
+    data = write_chat_data(tmp_path / "chat.jsonl", n=8)
+    assert main(train_args(base, data, tmp_path / "o", "--steps", "2")) == 0
+    recorded = json.loads((tmp_path / "o" / "train_config.json").read_text())
+    assert recorded["max_length"] == 48
+    assert last_json(capsys)["truncated"] > 0  # the chats are longer than 48 bytes
+    assert main(train_args(base, data, tmp_path / "o2", "--max-length", "49")) == 2
+    err = capsys.readouterr().err
+    assert "--max-length 49 exceeds the model's max_position_embeddings (48)" in err
+    assert (resolve_max_length(None, 48), resolve_max_length(None, 4096)) == (48, 512)
+    assert resolve_max_length(48, 48) == 48
+
+
+def test_layers_to_transform_trains_only_those_blocks(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jax_impl.cli import build_parser, train_config
+
+    def layers(*argv: str) -> tuple[int, ...] | None:
+        args = ["train", "--model", "m", "--data", "d", "--out", "o", *argv]
+        return train_config(build_parser().parse_args(args)).layers_to_transform
+
+    assert layers() is None
+    assert layers("--layers-to-transform", "0,1") == layers("--layers-to-transform", "0", "1")
+    assert layers("--layers-to-transform", "1") == (1,)
+    conf = tmp_path / "c.yaml"
+    conf.write_text("layers_to_transform: [1]\n")
+    assert layers("--config", str(conf)) == (1,)
+    with pytest.raises(ValueError, match="--layers-to-transform: expected integers"):
+        layers("--layers-to-transform", "q_proj")
+    data = write_chat_data(tmp_path / "chat.jsonl", n=8)
+    out = tmp_path / "run"
+    args = train_args(model_dir, data, out, "--steps", "2", "--layers-to-transform", "1")
+    assert main([*args, "--targets", "q_proj,v_proj"]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] == [1]
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    _, adapters = load_adapter(out, CFG)
+    assert sorted(adapters) == ["layers.1.attn.q_proj", "layers.1.attn.v_proj"]
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # q_proj [32, 32] and v_proj [32, 16] (2 kv heads of 8) of one block, rank 4
+    assert summary["trainable_params"] == 4 * (32 + 32) + 4 * (32 + 16)
+    bad = train_args(model_dir, data, tmp_path / "o", "--layers-to-transform", "2")
+    assert main(bad) == 2
+    assert "layers_to_transform" in capsys.readouterr().err
+
+
+def test_targets_take_commas_spaces_and_all_linear(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jax_impl.cli import build_parser, train_config
+
+    def targets(*argv: str) -> tuple[str, ...]:
+        args = ["train", "--model", "m", "--data", "d", "--out", "o", *argv]
+        return tuple(train_config(build_parser().parse_args(args)).targets)
+
+    assert targets("--targets", "q_proj,v_proj") == ("q_proj", "v_proj")
+    assert targets("--targets", "q_proj", "v_proj") == ("q_proj", "v_proj")
+    assert targets("--targets", "q_proj,", "v_proj,o_proj") == ("q_proj", "v_proj", "o_proj")
+    assert targets() == targets("--targets", "all-linear") == ("all-linear",)
+    conf = tmp_path / "c.yaml"
+    conf.write_text("targets: q_proj, down_proj\n")
+    assert targets("--config", str(conf)) == ("q_proj", "down_proj")
+    conf.write_text("targets: [q_proj, down_proj]\n")
+    assert targets("--config", str(conf)) == ("q_proj", "down_proj")
+    with pytest.raises(ValueError, match="all-linear already selects every projection"):
+        targets("--targets", "all-linear,q_proj")
+    # all-linear is every projection of a block, per family (PEFT: all but the output head)
+    gpt2 = gpt2_config(vocab_size=50, d_model=16, n_layers=2, n_heads=2, d_ff=24, max_seq_len=16)
+    assert resolve_targets(("all-linear",), gpt2) == ("c_attn", "c_fc", "c_proj")
+    assert resolve_targets(("all-linear",), CFG) == tuple(
+        sorted(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    )
+    data = write_chat_data(tmp_path / "chat.jsonl", n=8)
+    out = tmp_path / "run"
+    assert main(train_args(model_dir, data, out, "--steps", "1", "--targets", "q_proj,v_proj")) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    _, adapters = load_adapter(out, CFG)  # selected as PEFT selects them
+    assert sorted(p.rsplit(".", 1)[-1] for p in adapters) == ["q_proj"] * 2 + ["v_proj"] * 2
+    capsys.readouterr()
+    bad = train_args(model_dir, data, tmp_path / "o", "--targets", "q_proj,qproj")
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert "--targets: 'qproj' matches no projection of this llama model" in err
+    assert "gate_proj" in err and "all-linear" in err
+    assert not (tmp_path / ".o.run").exists()
+
+
+def test_flags_that_would_do_nothing_are_errors(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_chat_data(tmp_path / "chat.jsonl", n=8)
+    base = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "o")]
+    assert main([*base, "--method", "full", "--rank", "4"]) == 2
+    assert "train: --rank sets the LoRA adapters, and --method full" in capsys.readouterr().err
+    conf = tmp_path / "c.toml"
+    conf.write_text('method = "full"\nrslora = true\n')
+    assert main([*base, "--config", str(conf)]) == 2
+    assert "train: --rslora sets the LoRA adapters" in capsys.readouterr().err
+    assert main([*base, "--eval-interval", "5"]) == 2
+    assert "--eval-interval 5 needs --eval-split > 0" in capsys.readouterr().err
+    assert main([*base, "--eval-split", "0.01"]) == 2
+    assert "--eval-split 0.01 of 8 examples holds out none" in capsys.readouterr().err
+    nf4 = tmp_path / "nf4"
+    assert main(["quantize", "--model", str(model_dir), "--out", str(nf4)]) == 0
+    for method in ("lora", "full"):
+        args = ["train", "--model", str(nf4), "--data", str(data), "--out", str(tmp_path / "o")]
+        assert main([*args, "--method", method]) == 2
+        err = capsys.readouterr().err
+        assert f"a 4-bit (NF4) checkpoint; --method {method} needs the float checkpoint" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.run").exists()
+
+
+def test_float64_runs_in_64_bit_mode(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--dtype float64 switches JAX to 64-bit mode for the run only; its first loss is the
+    float32 run's to float32 rounding, but not bit for bit."""
+    data = write_chat_data(tmp_path / "chat.jsonl", n=8)
+    losses = {}
+    for dtype in ("float32", "float64"):
+        out = tmp_path / dtype
+        flags = ("--steps", "1", "--dtype", dtype, "--param-dtype", dtype)
+        assert main(train_args(model_dir, data, out, *flags)) == 0
+        losses[dtype] = json.loads((out / "metrics.jsonl").read_text())["loss"]
+    assert losses["float64"] == pytest.approx(losses["float32"], rel=1e-5)
+    assert losses["float64"] != losses["float32"]
+    assert jnp.zeros(1).dtype == jnp.float32  # the process is back in 32-bit mode
+
+
+def interrupt_before_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make a run stop after its last checkpoint, before --out is written."""
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("jax_impl.train.plot_loss", stop)
+
+
+def test_resume_refuses_a_changed_config_or_data(
+    model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = write_chat_data(tmp_path / "chat.jsonl", n=8)
+    out, work = tmp_path / "run", tmp_path / ".run.run"
+    args = train_args(model_dir, data, out, "--steps", "3")
+    with monkeypatch.context() as m:
+        interrupt_before_out(m)
+        with pytest.raises(KeyboardInterrupt):
+            main(args)
+    assert not out.exists()
+    assert json.loads((work / "checkpoint" / "state.json").read_text())["step"] == 3
+    recorded = (work / "train_config.json").read_bytes()
+    assert main([*args, "--resume", "--lr", "1e-3", "--warmup", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: lr changed from 0.03 to 0.001; warmup changed from 0 to 1" in err
+    text = data.read_text()
+    data.write_text(text + text.splitlines()[0] + "\n")
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    size = len(text.encode())
+    assert f"data file {data} changed (size {size} -> " in err and "sha256 " in err
+    assert (work / "train_config.json").read_bytes() == recorded  # not rewritten
+    data.write_text(text)
+    assert main([*args, "--resume"]) == 0
+    summary = last_json(capsys)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert summary["final_train_loss"] == rows[-1]["loss"]
+    assert (out / "train_config.json").read_bytes() == recorded  # the run as first started
+    assert json.loads(recorded)["resume"] is False
+
+
+def test_metrics_count_processed_and_loss_tokens(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One epoch: the tokens of metrics.jsonl add up to every token of the encoded file,
+    the loss tokens to its targets; the bar shows both rates; peak memory is reported."""
+    from jax_impl.data import encode_file
+
+    data = write_chat_data(tmp_path / "chat.jsonl", n=12)
+    out = tmp_path / "run"
+    assert main(train_args(model_dir, data, out, "--epochs", "1")) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert "tok_s=" in captured.err and "loss_tok_s=" in captured.err  # the progress bar
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    encoded, _, _, _ = encode_file(model_dir, data, CFG.vocab_size, CFG.max_seq_len)
+    assert sum(r["tokens"] for r in rows) == sum(len(e.input_ids) for e in encoded)
+    assert sum(r["loss_tokens"] for r in rows) == sum(int((e.labels >= 0).sum()) for e in encoded)
+    assert all(r["tokens"] > r["loss_tokens"] > 0 for r in rows)  # prompts are masked
+    assert all(r["tokens_per_s"] > r["loss_tokens_per_s"] > 0 for r in rows)
+    assert summary["peak_memory_source"] in ("device", "process_rss")
+    if summary["peak_memory_source"] == "process_rss":
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        assert 2**20 < summary["peak_memory_bytes"] <= rss
+
+
+def test_help_lists_every_flag_with_its_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+    import dataclasses
+
+    from jax_impl.cli import add_flags, build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+    for flag in (
+        "--method {full,lora,qlora}",
+        "--dtype {float32,bfloat16,float64}",
+        "--param-dtype {float32,bfloat16,float64}",
+        "--remat {none,full,dots}",
+        "--on-overflow {truncate,error}",
+        "--packing, --no-packing",
+    ):
+        assert flag in text, flag
+    assert "(required)" not in text and "None" not in text
+    entries = text.split("\n  --")[1:]  # one per flag
+    assert len(entries) == len(dataclasses.fields(TrainConfig)) + 1  # and --config
+    assert all(e.count("default") <= 1 for e in entries), entries
+    assert "(default: the model's context, at most 512)" in " ".join(text.split())
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    assert "output model directory (required)" in " ".join(capsys.readouterr().out.split())
+
+    @dataclasses.dataclass(frozen=True)
+    class Undocumented:
+        size: int = 3
+
+    with pytest.raises(TypeError, match="Undocumented.size: no metadata"):
+        add_flags(argparse.ArgumentParser(), Undocumented)
 
 
 def test_generate_command_gives_the_spec_greedy_text(
