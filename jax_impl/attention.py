@@ -8,13 +8,17 @@ Two implementations of ``softmax(Q K^T / sqrt(H) + mask) V``, selectable per mod
   GPUs with ``"cudnn"``). Both take K/V with fewer heads than Q directly.
 
 Neither repeats K/V in memory. A query with no visible key gets zeros in both.
+
+Decoding keeps a ``KVCache``: the spec's ``past_kv`` grows by concatenation; here the keys and
+values of every layer live in one preallocated ``[L, B, S, K, H]`` buffer that each call
+writes at its current length, so the decode loop runs with fixed shapes.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +27,11 @@ from flax import nnx
 
 from ref_numpy.config import ModelConfig
 from ref_numpy.model import attn_shapes
+from ref_numpy.positional import rope_attention_factor
 
 from .layers import Norm, acc_dtype, softmax
 from .lora import Dense
-from .positional import attention_factor, rope
+from .positional import rope
 
 Array = jax.Array
 AttnImpl = Literal["einsum", "xla", "cudnn"]
@@ -41,16 +46,31 @@ def attention_mask(
     padding: Array | None = None,
     segment_ids: Array | None = None,
     window: int | Array | None = None,
+    start: int | Array | None = None,
 ) -> Array:
-    """bool [B, T, S], True where query t (at position S - T + t) may see key s; with a
-    sliding ``window`` (an int, or a traced scalar) only keys with ``t - s < window``."""
-    mask = jnp.ones((batch, n_queries, n_keys), dtype=bool)
-    q_pos = jnp.arange(n_keys - n_queries, n_keys)[:, None]  # [T,1]
+    """Which key each query may see. Returns bool [B, T, S].
+
+    Query t sits at position ``start + t``; by default ``start = S - T``, the spec's rule (the
+    T queries are the last T of the S keys). A ``KVCache`` holds more slots than are filled
+    and passes its length instead.
+
+    Args:
+      causal: a query sees only keys at or before its own position.
+      padding: [B, S] of 1 (real token) and 0 (padding); padded keys are hidden.
+      segment_ids: [B, S] ids of packed examples (needs T = S).
+      window: sliding-window attention: query t sees key s only when ``t - s < window`` (an
+        int, or a traced scalar under the layer ``scan``).
+    """
+    mask = jnp.ones((batch, n_queries, n_keys), dtype=bool)  # [B,T,S]
+    if start is None:
+        q_pos = jnp.arange(n_keys - n_queries, n_keys)[:, None]  # [T,1]
+    else:
+        q_pos = start + jnp.arange(n_queries)[:, None]  # [T,1]
     k_pos = jnp.arange(n_keys)[None, :]  # [1,S]
     if causal:
-        mask &= k_pos <= q_pos
+        mask &= k_pos <= q_pos  # [T,S] broadcast over B
     if window is not None:
-        mask &= k_pos > q_pos - window
+        mask &= k_pos > q_pos - window  # [T,S]: the last `window` positions up to t
     if padding is not None:
         mask &= padding.astype(bool)[:, None, :]  # [B,1,S]
     if segment_ids is not None:
@@ -68,21 +88,62 @@ def layer_windows(cfg: ModelConfig) -> Array | None:
     return jnp.asarray(windows, jnp.int32)
 
 
+class KVCache(NamedTuple):
+    """The keys and values of every layer for S preallocated positions (a pytree).
+
+    Positions ``0 .. length - 1`` hold the keys and values of the tokens seen so far, the
+    same count in every row; the next call writes its T tokens at ``length .. length + T - 1``
+    and ``Model`` then advances ``length`` by T. Slots at or past ``length`` hold stale or
+    zero entries that the causal mask hides from every query before them.
+    """
+
+    k: Array  # [L,B,S,K,H] rotated keys
+    v: Array  # [L,B,S,K,H] values
+    length: Array  # int32 []: positions filled
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any) -> KVCache:
+        """An empty cache of ``size`` positions for ``batch`` rows of ``cfg``'s model."""
+        shape = (cfg.n_layers, batch, size, cfg.n_kv, cfg.hd)  # [L,B,S,K,H]
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+    def write(self, layer: Array | int, k: Array, v: Array) -> KVCache:
+        """``k`` and ``v`` [B, T, K, H] of ``layer`` written at positions ``length ..``.
+
+        One in-place ``dynamic_update_slice`` per buffer: a decode step writes T positions,
+        never copies the cache.
+        """
+        zero = jnp.zeros((), jnp.int32)
+        at = (jnp.asarray(layer, jnp.int32), zero, self.length, zero, zero)
+        new_k = jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), at)
+        new_v = jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), at)
+        return self._replace(k=new_k, v=new_v)  # [L,B,S,K,H]
+
+
 def sdpa(q: Array, k: Array, v: Array, mask: Array, impl: AttnImpl = "einsum") -> Array:
-    """Scaled dot-product attention. q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] -> [B,T,N,H]."""
+    """Scaled dot-product attention with grouped heads, as the spec's ``sdpa_forward``.
+
+    Args:
+      q: [B, T, N, H].
+      k, v: [B, S, K, H] with K dividing N.
+      mask: bool [B, T, S].
+    Returns:
+      [B, T, N, H] in q's dtype. A query that may see no key gets zeros.
+    """
     b, t, n, h = q.shape
     kv = k.shape[2]
     if impl != "einsum":
         out = jax.nn.dot_product_attention(
             q, k, v, mask=mask[:, None], implementation=None if impl == "xla" else impl
-        )
+        )  # [B,T,N,H]
         return out * mask.any(axis=-1)[:, :, None, None].astype(out.dtype)  # empty rows -> 0
     acc = acc_dtype(q.dtype)  # scores, probabilities and their sums stay in float32 or wider
-    qg = q.reshape(b, t, kv, n // kv, h)  # [B,T,K,G,H]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=acc)
-    probs = softmax(scores * (1.0 / math.sqrt(h)), mask[:, None, None])  # [B,K,G,T,S]
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(acc))
-    return out.reshape(b, t, n, h).astype(q.dtype)
+    qg = q.reshape(b, t, kv, n // kv, h)  # [B,T,N,H] -> [B,T,K,G,H]
+    scale = 1.0 / math.sqrt(h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=acc)  # [B,K,G,T,S]
+    probs = softmax(scores * scale, mask[:, None, None])  # [B,K,G,T,S]
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(acc))  # [B,T,K,G,H]
+    return out.reshape(b, t, n, h).astype(q.dtype)  # [B,T,K,G,H] -> [B,T,N,H]
 
 
 class Attention(nnx.Module):
@@ -102,7 +163,7 @@ class Attention(nnx.Module):
         adapter, NF4 and dtypes); ``make_norm(width)`` builds ``q_norm`` / ``k_norm``."""
         self.n, self.kv, self.h, self.impl = cfg.n_heads, cfg.n_kv, cfg.hd, impl
         self.fused = cfg.fused_qkv
-        self.rope_factor = attention_factor(cfg)
+        self.rope_factor = rope_attention_factor(cfg.rope_scaling)
         for name, (d_in, d_out) in attn_shapes(cfg).items():
             setattr(self, name, make("attn", name, d_in, d_out))
         self.qk_norm = cfg.qk_norm
@@ -116,40 +177,53 @@ class Attention(nnx.Module):
         x: Array,
         positions: Array,
         mask: Array,
-        freqs: np.ndarray | None,
+        inv_freq: np.ndarray | None,
         keys: dict[str, Array] | None = None,
-    ) -> Array:
-        """[B, T, D] -> [B, T, D]; ``keys`` maps projection names to dropout keys."""
-        q, k, v = self.qkv(x, positions, freqs, keys)
-        return self.out(sdpa(q, k, v, mask, self.impl), keys)
+        *,
+        cache: KVCache | None = None,
+        layer: Array | int = 0,
+    ) -> tuple[Array, KVCache | None]:
+        """Project, normalise heads (Qwen3), rotate (RoPE), attend, merge heads, project.
+
+        Args:
+          x: [B, T, D].
+          positions: [B, T] positions of the queries (used by RoPE).
+          mask: bool [B, T, S]; S = T without a cache, the cache's size with one.
+          inv_freq: [H/2] RoPE frequencies, or None for models without RoPE.
+          keys: projection name -> dropout key (training), or None.
+          cache: the keys and values of earlier positions (the spec's ``past_kv``); this
+            call's are written at its ``length`` in row ``layer`` of its stacked buffers.
+        Returns:
+          [B, T, D] and the cache with this layer's new keys and values (None without one).
+        """
+        b, t, _ = x.shape
+        n, kv, h = self.n, self.kv, self.h
+        if self.fused:
+            qkv = self._proj("c_attn", x, keys)  # [B,T,D] -> [B,T,(N+2K)H]
+            q, k, v = jnp.split(qkv, [n * h, (n + kv) * h], axis=-1)  # [B,T,(N+2K)H] -> 3 parts
+        else:
+            q = self._proj("q_proj", x, keys)  # [B,T,D] -> [B,T,NH]
+            k = self._proj("k_proj", x, keys)  # [B,T,D] -> [B,T,KH]
+            v = self._proj("v_proj", x, keys)  # [B,T,D] -> [B,T,KH]
+        q = q.reshape(b, t, n, h)  # [B,T,NH] -> [B,T,N,H]
+        k = k.reshape(b, t, kv, h)  # [B,T,KH] -> [B,T,K,H]
+        v = v.reshape(b, t, kv, h)  # [B,T,KH] -> [B,T,K,H]
+        if self.qk_norm:  # RMSNorm over each head's H features, shared by all heads
+            q, k = self.q_norm(q), self.k_norm(k)
+        if inv_freq is not None:
+            q = rope(q, positions, inv_freq, self.rope_factor)  # [B,T,N,H]
+            k = rope(k, positions, inv_freq, self.rope_factor)  # [B,T,K,H]
+        impl = self.impl
+        if cache is not None:
+            cache = cache.write(layer, k, v)  # [L,B,S,K,H]: this call's T positions written
+            k = cache.k[layer].astype(q.dtype)  # [B,S,K,H]
+            v = cache.v[layer].astype(q.dtype)  # [B,S,K,H]
+            impl = "xla" if impl == "cudnn" else impl  # cuDNN's flash kernel wants T == S
+        o = sdpa(q, k, v, mask, impl)  # [B,T,N,H]
+        o = o.reshape(b, t, n * h)  # [B,T,N,H] -> [B,T,NH]
+        y = self._proj("c_proj" if self.fused else "o_proj", o, keys)  # [B,T,NH] -> [B,T,D]
+        return y, cache
 
     def _proj(self, name: str, x: Array, keys: dict[str, Array] | None) -> Array:
         dense: Dense = getattr(self, name)
         return dense(x, (keys or {}).get(name))
-
-    def qkv(
-        self,
-        x: Array,
-        positions: Array,
-        freqs: np.ndarray | None,
-        keys: dict[str, Array] | None = None,
-    ) -> tuple[Array, Array, Array]:
-        """Projected, rotated heads: x [B, T, D] -> q [B,T,N,H], k and v [B,T,K,H]."""
-        b, t, _ = x.shape
-        n, kv, h = self.n, self.kv, self.h
-        if self.fused:
-            q, k, v = jnp.split(self._proj("c_attn", x, keys), [n * h, (n + kv) * h], axis=-1)
-        else:
-            q, k, v = (self._proj(name, x, keys) for name in ("q_proj", "k_proj", "v_proj"))
-        q, k, v = q.reshape(b, t, n, h), k.reshape(b, t, kv, h), v.reshape(b, t, kv, h)
-        if self.qk_norm:  # RMSNorm over each head's H features
-            q, k = self.q_norm(q), self.k_norm(k)
-        if freqs is not None:
-            q = rope(q, positions, freqs, self.rope_factor)
-            k = rope(k, positions, freqs, self.rope_factor)
-        return q, k, v
-
-    def out(self, o: Array, keys: dict[str, Array] | None = None) -> Array:
-        """Merged heads through the output projection: [B, T, N, H] -> [B, T, D]."""
-        b, t, n, h = o.shape
-        return self._proj("c_proj" if self.fused else "o_proj", o.reshape(b, t, n * h), keys)

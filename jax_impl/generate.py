@@ -1,19 +1,19 @@
 """Mirror of ``ref_numpy/generate.py``: KV-cache decoding, jitted once per shape bucket.
 
 The spec runs a Python loop and grows its cache by one position per token. Here the whole
-decode is one ``jax.jit`` program per ``(B, prompt bucket P, cache length S)``:
+decode is one ``jax.jit`` program per ``(B, prompt bucket P, cache length S)``, and every
+forward pass is the model's own (``Model`` with a ``KVCache``):
 
 1. the prompt, right-padded to ``P`` (the next power of two >= T0), runs once through the
    model and writes its keys and values into a preallocated cache ``[L, B, S, K, H]``;
    the padded positions come after the real ones, so causal masking already hides them
-   from the real queries, and decode steps overwrite them before any query can see them;
-2. a ``jax.lax.while_loop`` feeds one token per iteration: it writes the token's keys and
-   values at its position and attends over the cache with keys ``s <= position`` visible.
+   from the real queries; the cache's length is then set back to T0, and decode steps
+   overwrite the padded slots before any query can see them;
+2. a ``jax.lax.while_loop`` feeds one token per iteration: the model writes the token's keys
+   and values at the cache's length and attends over the slots up to it.
 
 Prompt length, token budget, temperature, top-k, top-p and the eos id are traced values, so
-changing them inside a bucket does not recompile. The forward pass reuses the model's own
-submodules (``Dense`` with its LoRA / NF4 handling, ``Norm``, ``rope``, ``sdpa``) and
-reproduces ``Model.__call__`` (embedding, positions, final norm, head in ``acc_dtype``).
+changing them inside a bucket does not recompile.
 """
 
 from __future__ import annotations
@@ -27,11 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ref_numpy.config import ModelConfig
-
-from .attention import Attention, layer_windows, sdpa
-from .model import MLP, Block, Model
-from .positional import inv_freq
+from .attention import KVCache
+from .model import Model
 
 Array = jax.Array
 
@@ -43,98 +40,6 @@ TRACES: collections.Counter[tuple[int, int, int]] = collections.Counter()
 def bucket(n: int) -> int:
     """The next power of two >= n (n >= 1)."""
     return 1 << max(n - 1, 0).bit_length()
-
-
-# --- the forward pass with a cache ---------------------------------------------------
-
-
-def _attn_cached(
-    attn: Attention,
-    x: Array,
-    positions: Array,
-    mask: Array,
-    freqs: np.ndarray | None,
-    cache: tuple[Array, Array],
-    layer: Array,
-    start: Array,
-) -> tuple[Array, tuple[Array, Array]]:
-    """``Attention.__call__`` with a cache: x [B,T,D] at positions ``start + t``; cache k/v
-    [L,B,S,K,H]. Writes this layer's new keys / values at ``start`` and attends over all S
-    (``mask`` [B,T,S] hides what a query may not see). Returns ([B,T,D], cache)."""
-    q, k, v = attn.qkv(x, positions, freqs)  # [B,T,N,H], [B,T,K,H] x 2
-    kc, vc = cache
-    zero = jnp.zeros((), start.dtype)
-    at = (layer, zero, start, zero, zero)
-    kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), at)  # [L,B,S,K,H]
-    vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), at)
-    impl = "xla" if attn.impl == "cudnn" else attn.impl  # cuDNN's flash kernel wants T == S
-    o = sdpa(q, kc[layer].astype(q.dtype), vc[layer].astype(q.dtype), mask, impl)  # [B,T,N,H]
-    return attn.out(o), (kc, vc)
-
-
-def _block_cached(
-    block: Block,
-    x: Array,
-    positions: Array,
-    mask: Array,
-    freqs: np.ndarray | None,
-    cache: tuple[Array, Array],
-    layer: Array,
-    start: Array,
-) -> tuple[Array, tuple[Array, Array]]:
-    """``Block.__call__`` (pre- or post-LN, no dropout) with the attention's cache."""
-    mlp: MLP = block.mlp
-    if block.pre:
-        a, cache = _attn_cached(
-            block.attn, block.attn_norm(x), positions, mask, freqs, cache, layer, start
-        )
-        x = x + a
-        return x + mlp(block.mlp_norm(x), {}), cache
-    a, cache = _attn_cached(block.attn, x, positions, mask, freqs, cache, layer, start)
-    x = block.attn_norm(x + a)
-    return block.mlp_norm(x + mlp(x, {})), cache
-
-
-def forward_cached(
-    model: Model, ids: Array, start: Array, cache: tuple[Array, Array], last: Array
-) -> tuple[Array, tuple[Array, Array]]:
-    """Logits of one position per row for ``ids`` placed at ``start, start+1, ...``.
-
-    Args:
-      ids: int [B, T] tokens at positions ``start + t``.
-      start: int scalar, the first position (where the keys / values are written).
-      cache: keys and values [L, B, S, K, H]; positions >= start + T are never seen.
-      last: int scalar, the index in ``[0, T)`` whose logits are returned.
-    Returns:
-      logits [B, V] in ``acc_dtype`` (as ``Model.__call__``) and the updated cache.
-    """
-    cfg = model.cfg
-    b, t = ids.shape
-    s = cache[0].shape[2]
-    positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))  # [B,T]
-    mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B,T,S] causal over cache
-    x = model.embed_tokens(ids, positions)  # [B,T,D]
-    freqs = inv_freq(cfg)
-    windows = layer_windows(cfg)  # [L] sliding windows, or None
-
-    graphdef, stacked = nnx.split(model.layers)
-
-    def body(
-        carry: tuple[Array, Any], xs: tuple[Any, Array, Array | None]
-    ) -> tuple[tuple[Array, Any], None]:
-        x, cache = carry
-        layer_state, layer, window = xs
-        m = mask  # [B,T,S]; a sliding window hides keys at or beyond `window` positions back
-        if window is not None:
-            m = mask & (jnp.arange(s)[None, None, :] > positions[:, :, None] - window)
-        block = nnx.merge(graphdef, layer_state)
-        return _block_cached(block, x, positions, m, freqs, cache, layer, start), None
-
-    layers = jnp.arange(cfg.n_layers, dtype=start.dtype)
-    (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, layers, windows))
-    x = jax.lax.dynamic_index_in_dim(x, last, axis=1, keepdims=True)  # [B,1,D]
-    logits = model.logits(x)[:, 0]  # [B,V]
-    return logits, cache
 
 
 # --- sampling --------------------------------------------------------------------------
@@ -212,12 +117,12 @@ def _decode(
     b, p = prompt.shape
     TRACES[(b, p, cache_len)] += 1  # runs only while tracing
     model = nnx.merge(graphdef, state)
-    cfg: ModelConfig = model.cfg
-    dt = model.eng.dtype
-    shape = (cfg.n_layers, b, cache_len, cfg.n_kv, cfg.hd)
-    cache = (jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+    cache = KVCache.zeros(model.cfg, b, cache_len, model.eng.dtype)  # [L,B,S,K,H]
+    x, cache = model.hidden_states(prompt, cache=cache)  # [B,P,D]
+    x = jax.lax.dynamic_index_in_dim(x, t0 - 1, axis=1)  # [B,1,D]: the last real token
+    logits = model.logits(x)[:, 0]  # [B,V]; the head runs on that one position only
+    cache = cache._replace(length=t0)  # the padded slots are written over from here
     zero = jnp.zeros((), jnp.int32)
-    logits, cache = forward_cached(model, prompt, zero, cache, t0 - 1)  # [B,V]
 
     out = jnp.zeros((b, cache_len + 1), jnp.int32)
     out = jax.lax.dynamic_update_slice(out, prompt, (zero, zero))
@@ -254,9 +159,8 @@ def _decode(
 
     def step(carry: tuple[Any, ...]) -> tuple[Any, ...]:
         i, tok, cache, done, out, window = carry
-        pos = t0 + i - 1  # the position of the token fed now
-        logits, cache = forward_cached(model, tok[:, None], pos, cache, zero)
-        tok, out, done, window = pick(logits, i, out, done, window)
+        logits, cache = model(tok[:, None], cache=cache)  # [B,1,V], at position t0 + i - 1
+        tok, out, done, window = pick(logits[:, 0], i, out, done, window)
         return i + 1, tok, cache, done, out, window
 
     one = jnp.ones((), jnp.int32)
@@ -291,7 +195,7 @@ def generate(
     Returns:
       int32 [B, T0 + n], the prompt followed by the n generated tokens.
     """
-    cfg: ModelConfig = model.cfg
+    cfg = model.cfg
     prompt = np.asarray(prompt_ids)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt: expected int [B, T0] with T0 >= 1, got shape {prompt.shape}")

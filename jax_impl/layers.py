@@ -1,9 +1,12 @@
 """Mirror of ``ref_numpy/layers.py``: the same ops in jnp, differentiated by JAX.
 
+Each op is named as the spec's forward without its ``_forward`` suffix (``linear`` for
+``linear_forward``): the engine has no hand-written backward to pair it with.
+
 Mixed precision: inputs arrive in the compute dtype; norms, softmax and the loss accumulate
 in at least float32 (``acc_dtype``) and cast back, because a bfloat16 mean over a few
 thousand features loses most of its bits. Variables carry logical axis names
-(``sharding_names``) so a mesh can be laid over them without touching this code.
+(``out_sharding``) so a mesh can be laid over them without touching this code.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
 
 def variable(kind: type[nnx.Variable], value: Array, axes: tuple[str | None, ...]) -> nnx.Variable:
     """A variable of ``kind`` with logical axis names (no mesh needed to create it)."""
-    return kind(value, sharding_names=axes, eager_sharding=False)
+    return kind(value, out_sharding=axes, eager_sharding=False)
 
 
 _PROJ_AXES = {
@@ -64,7 +67,7 @@ def proj_axes(group: str, name: str) -> tuple[str, str]:
 
 def embedding(ids: Array, table: Array) -> Array:
     """[B, T] ids, [V, D] table -> [B, T, D]."""
-    return jnp.take(table, ids, axis=0)
+    return jnp.take(table, ids, axis=0)  # [B,T] -> [B,T,D]
 
 
 def linear(x: Array, kernel: Array, bias: Array | None = None) -> Array:
@@ -72,24 +75,29 @@ def linear(x: Array, kernel: Array, bias: Array | None = None) -> Array:
 
     The products are summed in ``acc_dtype`` (what GPU and TPU matrix units do for bf16).
     """
-    y = jnp.einsum("...I,IO->...O", x, kernel, preferred_element_type=acc_dtype(x.dtype))
-    return (y if bias is None else y + bias).astype(x.dtype)
+    acc = acc_dtype(x.dtype)
+    y = jnp.einsum("...I,IO->...O", x, kernel, preferred_element_type=acc)  # [...,I] -> [...,O]
+    if bias is not None:
+        y = y + bias  # [...,O] + [O]
+    return y.astype(x.dtype)
 
 
 def layer_norm(x: Array, weight: Array, bias: Array, eps: float) -> Array:
     """LayerNorm over the last axis, accumulated in ``acc_dtype``. [..., D] -> [..., D]."""
-    xf = x.astype(acc_dtype(x.dtype))
-    mu = xf.mean(axis=-1, keepdims=True)
-    xc = xf - mu
-    xhat = xc * jax.lax.rsqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
-    return (xhat * weight + bias).astype(x.dtype)
+    xf = x.astype(acc_dtype(x.dtype))  # [...,D]
+    mu = xf.mean(axis=-1, keepdims=True)  # [...,D] -> [...,1]
+    xc = xf - mu  # [...,D]
+    inv_std = jax.lax.rsqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)  # [...,1]
+    xhat = xc * inv_std  # [...,D]
+    return (xhat * weight + bias).astype(x.dtype)  # [...,D]
 
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
     """RMSNorm over the last axis, accumulated in ``acc_dtype``. [..., D] -> [..., D]."""
-    xf = x.astype(acc_dtype(x.dtype))
-    xhat = xf * jax.lax.rsqrt((xf * xf).mean(axis=-1, keepdims=True) + eps)
-    return (xhat * weight).astype(x.dtype)
+    xf = x.astype(acc_dtype(x.dtype))  # [...,D]
+    inv_rms = jax.lax.rsqrt((xf * xf).mean(axis=-1, keepdims=True) + eps)  # [...,D] -> [...,1]
+    xhat = xf * inv_rms  # [...,D]
+    return (xhat * weight).astype(x.dtype)  # [...,D]
 
 
 def relu(x: Array) -> Array:
@@ -112,7 +120,7 @@ def silu(x: Array) -> Array:
 
 def swiglu(gate: Array, up: Array) -> Array:
     """``silu(gate) * up``. [..., F] -> [..., F]."""
-    return silu(gate) * up
+    return silu(gate) * up  # [...,F]
 
 
 ACTIVATIONS = {"relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh}
@@ -121,14 +129,15 @@ ACTIVATIONS = {"relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh}
 def softmax(x: Array, mask: Array | None = None) -> Array:
     """Masked softmax over the last axis, accumulated in ``acc_dtype``; a fully masked row
     gives zeros. [..., S] -> [..., S] in x's dtype."""
-    xf = x.astype(acc_dtype(x.dtype))
+    xf = x.astype(acc_dtype(x.dtype))  # [...,S]
     if mask is not None:
-        xf = jnp.where(mask, xf, -jnp.inf)
-    m = jax.lax.stop_gradient(xf.max(axis=-1, keepdims=True))  # softmax ignores the shift
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    e = jnp.exp(xf - m)
-    z = e.sum(axis=-1, keepdims=True)
-    return (e / jnp.where(z > 0, z, 1.0)).astype(x.dtype)
+        xf = jnp.where(mask, xf, -jnp.inf)  # [...,S]
+    m = jax.lax.stop_gradient(xf.max(axis=-1, keepdims=True))  # [...,1]; softmax ignores it
+    m = jnp.where(jnp.isfinite(m), m, 0.0)  # a fully masked row has max -inf
+    e = jnp.exp(xf - m)  # [...,S]; exp(-inf) = 0 at masked entries
+    z = e.sum(axis=-1, keepdims=True)  # [...,1]
+    p = e / jnp.where(z > 0, z, 1.0)  # [...,S]
+    return p.astype(x.dtype)
 
 
 def cross_entropy(logits: Array, targets: Array) -> tuple[Array, Array]:
@@ -137,13 +146,13 @@ def cross_entropy(logits: Array, targets: Array) -> tuple[Array, Array]:
     Args: logits [B, T, V]; targets int [B, T]. Returns (scalar loss in ``acc_dtype``, int
     count). The loss is 0 when nothing counts.
     """
-    lf = logits.astype(acc_dtype(logits.dtype))
-    valid = targets != IGNORE_INDEX
-    safe = jnp.where(valid, targets, 0)
-    lse = jax.nn.logsumexp(lf, axis=-1)  # [B,T]
+    lf = logits.astype(acc_dtype(logits.dtype))  # [B,T,V]
+    valid = targets != IGNORE_INDEX  # [B,T]
+    safe = jnp.where(valid, targets, 0)  # [B,T]
+    lse = jax.nn.logsumexp(lf, axis=-1)  # [B,T,V] -> [B,T]
     picked = jnp.take_along_axis(lf, safe[..., None], axis=-1)[..., 0]  # [B,T]
-    count = valid.sum()
-    loss = jnp.where(valid, lse - picked, 0.0).sum() / jnp.maximum(count, 1)
+    count = valid.sum()  # []
+    loss = jnp.where(valid, lse - picked, 0.0).sum() / jnp.maximum(count, 1)  # [B,T] -> []
     return loss, count
 
 

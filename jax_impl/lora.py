@@ -16,19 +16,19 @@ from flax import nnx
 from ref_numpy.config import LoraConfig
 
 from .layers import linear, variable
-from .nf4 import NF4Kernel
+from .nf4 import NF4Kernel, dequantize_kernel
 
 Array = jax.Array
 
 
 def dropout_keep(key: Array, shape: tuple[int, ...], rate: float) -> Array:
     """Which adapter inputs dropout keeps: boolean ``shape`` [..., I], True w.p. ``1 - rate``."""
-    return jax.random.bernoulli(key, 1.0 - rate, shape)
+    return jax.random.bernoulli(key, 1.0 - rate, shape)  # [...,I]
 
 
 def dropout_mask(keep: Array, rate: float, dtype: jnp.dtype) -> Array:
     """Inverted dropout, as the spec's ``dropout_mask``: [..., I] of 0 and ``1/(1-rate)``."""
-    return keep.astype(dtype) / (1.0 - rate)
+    return keep.astype(dtype) / (1.0 - rate)  # [...,I]
 
 
 class Dense(nnx.Module):
@@ -63,7 +63,7 @@ class Dense(nnx.Module):
         rngs: nnx.Rngs,
     ) -> None:
         self.dtype = dtype
-        w = jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32) * 0.02
+        w = jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32) * 0.02  # [I,O]
         if quantized:
             self.kernel: nnx.Module | nnx.Variable = NF4Kernel.from_kernel(
                 w, blocksize, double_quant
@@ -77,30 +77,36 @@ class Dense(nnx.Module):
         if lora is not None:
             bound = 1.0 / d_in**0.5  # kaiming-uniform with a = sqrt(5), as PEFT
             a = jax.random.uniform(rngs.params(), (d_in, lora.rank), param_dtype, -bound, bound)
-            self.lora_A = variable(nnx.LoRAParam, a, (axes[0], "lora_rank"))
-            self.lora_B = variable(
-                nnx.LoRAParam, jnp.zeros((lora.rank, d_out), param_dtype), ("lora_rank", axes[1])
-            )
+            b = jnp.zeros((lora.rank, d_out), param_dtype)  # [R,O]
+            self.lora_A = variable(nnx.LoRAParam, a, (axes[0], "lora_rank"))  # [I,R]
+            self.lora_B = variable(nnx.LoRAParam, b, ("lora_rank", axes[1]))  # [R,O]
             self.scale, self.rate = lora.scale, lora.dropout
 
     def weight(self) -> Array:
         """The base kernel ``[I, O]`` in the compute dtype (dequantized if NF4)."""
         kernel = self.kernel
         if isinstance(kernel, NF4Kernel):
-            return kernel.dequantize(self.dtype)
+            return dequantize_kernel(kernel.tensor()).astype(self.dtype)  # NF4 -> [I,O]
         assert isinstance(kernel, nnx.Variable)
-        return kernel[...].astype(self.dtype)
+        return kernel[...].astype(self.dtype)  # [I,O]
 
     def __call__(self, x: Array, dropout_key: Array | None = None) -> Array:
-        """[..., I] -> [..., O]. ``dropout_key`` switches adapter dropout on (training)."""
+        """[..., I] -> [..., O]. ``dropout_key`` switches adapter dropout on (training).
+
+        The spec's ``dense_forward`` line for line; every operand is in the compute dtype and
+        the base product is summed in ``acc_dtype`` (``linear``).
+        """
         x = x.astype(self.dtype)
         bias = self.bias[...].astype(self.dtype) if hasattr(self, "bias") else None
-        y = linear(x, self.weight(), bias)
+        y = linear(x, self.weight(), bias)  # [...,I] -> [...,O]
         if not hasattr(self, "lora_A"):
             return y
+        a = self.lora_A[...].astype(self.dtype)  # [I,R]
+        b = self.lora_B[...].astype(self.dtype)  # [R,O]
         xd = x
         if dropout_key is not None and self.rate > 0:
             keep = dropout_keep(dropout_key, x.shape, self.rate)  # [...,I]
             xd = x * dropout_mask(keep, self.rate, x.dtype)  # [...,I]
-        h = jnp.einsum("...I,IR->...R", xd, self.lora_A[...].astype(self.dtype))
-        return y + self.scale * jnp.einsum("...R,RO->...O", h, self.lora_B[...].astype(self.dtype))
+        h = xd @ a  # [...,I] @ [I,R] -> [...,R]
+        y = y + self.scale * (h @ b)  # [...,R] @ [R,O] -> [...,O]
+        return y

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ from ref_numpy.lora import LORA_LEAVES, projections, selected_paths, selects
 from ref_numpy.model import attn_shapes, has_bias, mlp_names, mlp_shapes
 from ref_numpy.nf4 import NF4Tensor
 
-from .attention import Attention, AttnImpl, attention_mask, layer_windows
+from .attention import Attention, AttnImpl, KVCache, attention_mask, layer_windows
 from .layers import (
     ACTIVATIONS,
     Frozen,
@@ -47,7 +47,7 @@ from .layers import (
 )
 from .lora import Dense
 from .nf4 import NF4State
-from .positional import inv_freq, learned, sinusoidal
+from .positional import learned, rope_inv_freq, sinusoidal
 
 Array = jax.Array
 Remat = Literal["none", "full", "dots"]
@@ -130,14 +130,20 @@ class MLP(nnx.Module):
             setattr(self, name, make("mlp", name, d_in, d_out))
 
     def __call__(self, x: Array, keys: dict[str, Array]) -> Array:
+        """[B, T, D] -> [B, T, D]; ``keys`` maps projection names to dropout keys."""
+
         def proj(name: str, inp: Array) -> Array:
             dense: Dense = getattr(self, name)
             return dense(inp, keys.get(name))
 
-        up, down = self.names[-2], self.names[-1]
+        up_name, down_name = self.names[-2], self.names[-1]
         if self.activation == "swiglu":
-            return proj(down, swiglu(proj("gate_proj", x), proj(up, x)))
-        return proj(down, ACTIVATIONS[self.activation](proj(up, x)))
+            g = proj("gate_proj", x)  # [B,T,F]
+            u = proj(up_name, x)  # [B,T,F]
+            a = swiglu(g, u)  # [B,T,F]
+        else:
+            a = ACTIVATIONS[self.activation](proj(up_name, x))  # [B,T,F]
+        return proj(down_name, a)  # [B,T,D]
 
 
 class Block(nnx.Module):
@@ -177,14 +183,34 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, make)
 
     def __call__(
-        self, x: Array, positions: Array, mask: Array, freqs: np.ndarray | None, key: Array | None
-    ) -> Array:
+        self,
+        x: Array,
+        positions: Array,
+        mask: Array,
+        inv_freq: np.ndarray | None,
+        key: Array | None,
+        *,
+        cache: KVCache | None = None,
+        layer: Array | int = 0,
+    ) -> tuple[Array, KVCache | None]:
+        """[B, T, D] -> [B, T, D], and the cache with this layer's keys and values written
+        (see ``Attention.__call__``); ``key`` is the layer's dropout key, or None."""
         keys = module_keys(key)
+
+        def attn(h: Array) -> tuple[Array, KVCache | None]:
+            return self.attn(h, positions, mask, inv_freq, keys["attn"], cache=cache, layer=layer)
+
         if self.pre:
-            x = x + self.attn(self.attn_norm(x), positions, mask, freqs, keys["attn"])
-            return x + self.mlp(self.mlp_norm(x), keys["mlp"])
-        x = self.attn_norm(x + self.attn(x, positions, mask, freqs, keys["attn"]))
-        return self.mlp_norm(x + self.mlp(x, keys["mlp"]))
+            h = self.attn_norm(x)  # [B,T,D]
+            a, new_cache = attn(h)  # [B,T,D]
+            x = x + a  # [B,T,D]
+            h = self.mlp_norm(x)  # [B,T,D]
+            m = self.mlp(h, keys["mlp"])  # [B,T,D]
+            return x + m, new_cache
+        a, new_cache = attn(x)  # [B,T,D]
+        x = self.attn_norm(x + a)  # [B,T,D]
+        m = self.mlp(x, keys["mlp"])  # [B,T,D]
+        return self.mlp_norm(x + m), new_cache  # [B,T,D]
 
 
 _MODULE_IDS = {
@@ -280,6 +306,7 @@ class Model(nnx.Module):
                 rngs=rngs,
             )
 
+    @overload
     def __call__(
         self,
         ids: Array,
@@ -288,45 +315,128 @@ class Model(nnx.Module):
         attention_mask_2d: Array | None = None,
         segment_ids: Array | None = None,
         dropout_key: Array | None = None,
-    ) -> Array:
+        cache: None = None,
+    ) -> Array: ...
+
+    @overload
+    def __call__(
+        self,
+        ids: Array,
+        *,
+        positions: Array | None = None,
+        attention_mask_2d: Array | None = None,
+        segment_ids: Array | None = None,
+        dropout_key: Array | None = None,
+        cache: KVCache,
+    ) -> tuple[Array, KVCache]: ...
+
+    def __call__(
+        self,
+        ids: Array,
+        *,
+        positions: Array | None = None,
+        attention_mask_2d: Array | None = None,
+        segment_ids: Array | None = None,
+        dropout_key: Array | None = None,
+        cache: KVCache | None = None,
+    ) -> Array | tuple[Array, KVCache]:
         """Logits [B, T, V] (float32, or float64 in x64) for ids [B, T]; as ``model_forward``.
 
-        ``dropout_key`` turns LoRA dropout on: layer i uses ``split(dropout_key, L)[i]``,
-        each projection ``module_keys`` of that.
+        With a ``cache`` the ids continue the cached positions (as the spec's
+        ``forward_cached``) and the call returns ``(logits, cache)``; see ``hidden_states``.
+        """
+        x, new_cache = self.hidden_states(
+            ids,
+            positions=positions,
+            attention_mask_2d=attention_mask_2d,
+            segment_ids=segment_ids,
+            dropout_key=dropout_key,
+            cache=cache,
+        )  # [B,T,D]
+        logits = self.logits(x)  # [B,T,D] -> [B,T,V]
+        return logits if new_cache is None else (logits, new_cache)
+
+    def hidden_states(
+        self,
+        ids: Array,
+        *,
+        positions: Array | None = None,
+        attention_mask_2d: Array | None = None,
+        segment_ids: Array | None = None,
+        dropout_key: Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Array, KVCache | None]:
+        """The last block's output [B, T, D] (before the final norm and the head).
+
+        Args:
+          ids: int [B, T] token ids.
+          positions: int [B, T]; default ``0..T-1`` per row, or ``length..length+T-1`` after
+            a cache's ``length`` filled positions (packing passes per-segment ones).
+          attention_mask_2d: 1 (real) / 0 (padding) per key: [B, T], or [B, S] over the
+            cache's S slots with a cache.
+          segment_ids: [B, T] packed-example ids (training; not with a cache).
+          dropout_key: turns LoRA dropout on: layer i uses ``split(dropout_key, L)[i]``, each
+            projection ``module_keys`` of that.
+          cache: keys and values of the earlier positions; the ids' own are written after
+            them (at ``cache.length``) and ``length`` grows by T.
+        Returns:
+          [B, T, D] and the updated cache (None without one).
         """
         cfg, eng = self.cfg, self.eng
         b, t = ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        mask = attention_mask(b, t, t, padding=attention_mask_2d, segment_ids=segment_ids)
+        if cache is None:
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(t), (b, t))  # [B,T]
+            s, start = t, None  # keys: the T ids themselves
+        else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids: packed examples are for training, not a KVCache")
+            s, start = cache.k.shape[2], cache.length  # keys: the cache's S slots
+            if positions is None:
+                positions = start + jnp.broadcast_to(jnp.arange(t), (b, t))  # [B,T]
+        mask = attention_mask(
+            b, t, s, padding=attention_mask_2d, segment_ids=segment_ids, start=start
+        )  # [B,T,S]
         x = self.embed_tokens(ids, positions)  # [B,T,D]
-        freqs = inv_freq(cfg)
+        inv_freq = rope_inv_freq(cfg)  # [H/2] or None
         keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_layers)
         windows = layer_windows(cfg)  # [L] sliding windows, scanned with the layers, or None
+        layers = None if cache is None else jnp.arange(cfg.n_layers, dtype=jnp.int32)  # [L]
 
         # Scan over the stacked blocks: one block's program, traced and compiled once.
         graphdef, stacked = nnx.split(self.layers)
+        Carry = tuple[Array, KVCache | None]
 
-        def body(x: Array, xs: tuple[Any, Array | None, Array | None]) -> tuple[Array, None]:
-            layer_state, key, window = xs
-            m = mask if window is None else mask & attention_mask(b, t, t, window=window)
-            return nnx.merge(graphdef, layer_state)(x, positions, m, freqs, key), None
+        def body(
+            carry: Carry, xs: tuple[Any, Array | None, Array | None, Array | None]
+        ) -> tuple[Carry, None]:
+            x, cache = carry
+            layer_state, key, window, layer = xs
+            m = mask  # [B,T,S]
+            if window is not None:  # this layer's sliding window
+                m = mask & attention_mask(b, t, s, window=window, start=start)
+            block = nnx.merge(graphdef, layer_state)
+            if layer is None:
+                return block(x, positions, m, inv_freq, key), None
+            return block(x, positions, m, inv_freq, key, cache=cache, layer=layer), None
 
-        if eng.remat != "none":
+        if eng.remat != "none" and cache is None:  # decoding keeps no activations to remat
             body = jax.checkpoint(body, policy=REMAT_POLICIES[eng.remat])
-        x, _ = jax.lax.scan(body, x, (stacked, keys, windows))
-        return self.logits(x)
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, keys, windows, layers))
+        if cache is not None:
+            cache = cache._replace(length=cache.length + t)
+        return x, cache  # [B,T,D]
 
     def embed_tokens(self, ids: Array, positions: Array) -> Array:
         """Token (and sinusoidal / learned position) embeddings: [B, T] -> [B, T, D]."""
         cfg, eng = self.cfg, self.eng
-        x = embedding(ids, self.embed.embedding[...]).astype(eng.dtype)
-        if cfg.scale_embeddings:
+        x = embedding(ids, self.embed.embedding[...]).astype(eng.dtype)  # [B,T] -> [B,T,D]
+        if cfg.scale_embeddings:  # the 2017 paper scales embeddings by sqrt(D)
             x = x * jnp.asarray(cfg.d_model**0.5, eng.dtype)
         if cfg.position == "sinusoidal":
-            x = sinusoidal(x, positions)
+            x = sinusoidal(x, positions)  # [B,T,D]
         elif cfg.position == "learned":
-            x = learned(x, positions, self.pos_embed.embedding[...].astype(eng.dtype))
+            x = learned(x, positions, self.pos_embed.embedding[...].astype(eng.dtype))  # [B,T,D]
         return x
 
     def logits(self, x: Array) -> Array:
@@ -337,11 +447,14 @@ class Model(nnx.Module):
         """
         cfg, eng = self.cfg, self.eng
         if cfg.norm_order == "pre":
-            x = self.final_norm(x)
-        head = self.embed.embedding[...].T if cfg.tie_embeddings else self.lm_head.weight()
+            x = self.final_norm(x)  # [B,T,D]
+        if cfg.tie_embeddings:
+            head = self.embed.embedding[...].T  # [V,D] -> [D,V]
+        else:
+            head = self.lm_head.weight()  # [D,V]
         return jnp.einsum(
             "BTD,DV->BTV", x, head.astype(eng.dtype), preferred_element_type=acc_dtype(eng.dtype)
-        )
+        )  # [B,T,D] -> [B,T,V]
 
 
 def causal_lm_loss(logits: Array, labels: Array) -> Array:

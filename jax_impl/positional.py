@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ref_numpy.config import ModelConfig
-from ref_numpy.positional import rope_attention_factor, rope_frequencies
+from ref_numpy.positional import rope_frequencies
 
 from .layers import acc_dtype
 
@@ -20,43 +20,52 @@ Array = jax.Array
 
 
 def sinusoidal(x: Array, positions: Array) -> Array:
-    """``x + PE[positions]``; [B, T, D] -> [B, T, D]."""
+    """``x + PE[positions]``, ``PE[p, 2i] = sin(p / 10000^(2i/D))``, ``PE[p, 2i+1] = cos(...)``.
+
+    Args: x [B, T, D], positions [B, T]. Returns [B, T, D].
+    """
     d = x.shape[-1]
     dt = acc_dtype(x.dtype)
     inv = 10000.0 ** (-jnp.arange(0, d, 2, dtype=dt) / d)  # [D/2]
-    angle = positions[..., None].astype(dt) * inv  # [B,T,D/2]
-    pe = jnp.stack([jnp.sin(angle), jnp.cos(angle)], axis=-1).reshape(*angle.shape[:-1], d)
-    return x + pe.astype(x.dtype)  # interleaved: sin at even features, cos at odd
+    angle = positions[..., None].astype(dt) * inv  # [B,T,1] * [D/2] -> [B,T,D/2]
+    pe = jnp.stack([jnp.sin(angle), jnp.cos(angle)], axis=-1)  # [B,T,D/2,2]
+    pe = pe.reshape(*angle.shape[:-1], d)  # [B,T,D/2,2] -> [B,T,D]: sin even, cos odd
+    return x + pe.astype(x.dtype)  # [B,T,D]
 
 
 def learned(x: Array, positions: Array, table: Array) -> Array:
-    """``x + table[positions]``; [B, T, D] -> [B, T, D]."""
-    return x + jnp.take(table, positions, axis=0)
+    """Add a trained row per position. Args: x [B, T, D], positions [B, T], table [P, D]."""
+    return x + jnp.take(table, positions, axis=0)  # [B,T,D] + [B,T,D]
 
 
-def inv_freq(cfg: ModelConfig) -> np.ndarray | None:
-    """RoPE frequencies [H/2] (float64, from the spec), or None without RoPE."""
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray | None:
+    """RoPE frequencies [H/2] for rotary models (float64, from the spec), None for the others."""
     if cfg.position != "rope":
         return None
     return rope_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling)
 
 
-def attention_factor(cfg: ModelConfig) -> float:
-    """The cos / sin multiplier of RoPE (YaRN's; 1.0 otherwise)."""
-    return rope_attention_factor(cfg.rope_scaling)
-
-
 def _rotate_half(x: Array) -> Array:
+    """``[x1, x2] -> [-x2, x1]`` over the last axis (halves, the Hugging Face Llama layout)."""
     h = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+    return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)  # [...,H]
 
 
-def rope(x: Array, positions: Array, freqs: np.ndarray, attention_factor: float = 1.0) -> Array:
-    """Rotate pairs ``(x[i], x[i + H/2])`` by ``position * freqs[i]``, cos and sin scaled by
-    ``attention_factor``. [B,T,N,H] -> same."""
+def rope(x: Array, positions: Array, inv_freq: np.ndarray, attention_factor: float = 1.0) -> Array:
+    """Rotate each pair ``(x[i], x[i + H/2])`` by the angle ``position * inv_freq[i]``.
+
+    Args:
+      x: [B, T, N, H] (queries or keys; any head count).
+      positions: [B, T].
+      inv_freq: [H/2] from ``rope_frequencies``.
+      attention_factor: multiplies cos and sin (``rope_attention_factor``; 1 but for YaRN).
+    Returns:
+      [B, T, N, H]: ``x * cos + rotate_half(x) * sin``.
+    """
     dt = acc_dtype(x.dtype)
-    angle = positions[..., None].astype(dt) * jnp.asarray(freqs, dt)  # [B,T,H/2]
+    inv = jnp.asarray(inv_freq, dt)  # [H/2], the float64 constants rounded to acc_dtype
+    angle = positions[..., None].astype(dt) * inv  # [B,T,1] * [H/2] -> [B,T,H/2]
     angle = jnp.concatenate([angle, angle], axis=-1)[:, :, None, :]  # [B,T,1,H]
-    cos = (jnp.cos(angle) * attention_factor).astype(x.dtype)
-    sin = (jnp.sin(angle) * attention_factor).astype(x.dtype)
-    return x * cos + _rotate_half(x) * sin
+    cos = (jnp.cos(angle) * attention_factor).astype(x.dtype)  # [B,T,1,H]
+    sin = (jnp.sin(angle) * attention_factor).astype(x.dtype)  # [B,T,1,H]
+    return x * cos + _rotate_half(x) * sin  # [B,T,N,H]

@@ -181,7 +181,7 @@ class Trainer:
         params = optax.apply_updates(params, updates)
         metrics = {
             "loss": total / denom,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": self.lr_at(step),
             "tokens": count,
         }

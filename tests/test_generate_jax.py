@@ -5,7 +5,6 @@ shape bucket; eos and stop handling; sampling filters and seeds."""
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Iterator
 
 import jax
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from jax_impl import generate as G
+from jax_impl.attention import KVCache
 from jax_impl.model import EngineConfig, Model, from_spec
 from ref_numpy import generate as R
 from ref_numpy import lora as LR
@@ -50,7 +50,13 @@ def test_greedy_equals_spec(name: str, rng: np.random.Generator, x64: None) -> N
 
 @pytest.mark.parametrize(
     ("name", "method"),
-    [("llama-gqa-rope3", "lora"), ("gpt2", "lora"), ("qwen2-tied", "qlora")],
+    [
+        ("llama-gqa-rope3", "lora"),
+        ("gpt2", "lora"),
+        ("qwen2-tied", "qlora"),
+        ("mistral-window-yarn", "lora"),
+        ("qwen3-window-linear", "qlora"),
+    ],
 )
 def test_lora_greedy_equals_spec_and_merged(
     name: str, method: str, rng: np.random.Generator, x64: None
@@ -208,7 +214,10 @@ def test_errors_and_edges(rng: np.random.Generator) -> None:
     assert G.generate(model, prompt, 15).shape == (2, 17)  # the spec's longest: T0 + n - 1 = 16
 
 
-@pytest.mark.parametrize("name", ["mistral-window-yarn", "qwen3-window-linear"])
+WINDOWED = ["mistral-window-yarn", "qwen3-window-linear"]
+
+
+@pytest.mark.parametrize("name", WINDOWED)
 def test_sliding_window_holds_in_cached_decoding(
     name: str, rng: np.random.Generator, x64: None
 ) -> None:
@@ -219,19 +228,85 @@ def test_sliding_window_holds_in_cached_decoding(
     ids = rng.integers(0, V, size=(2, 9))
     want, _ = model_forward(params, cfg, ids)  # [B,T,V]
     model = engine(params, name)
-    shape = (cfg.n_layers, 2, 16, cfg.n_kv, cfg.hd)
-    cache = (jnp.zeros(shape, jnp.float64), jnp.zeros(shape, jnp.float64))
-    i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
-    logits, cache = G.forward_cached(model, jnp.asarray(ids[:, :4]), i32(0), cache, i32(3))
-    got = [np.asarray(logits)]
+    cache = KVCache.zeros(cfg, 2, 16, jnp.float64)
+    logits, cache = model(jnp.asarray(ids[:, :4]), cache=cache)  # [B,4,V]
+    got = [np.asarray(logits)[:, 3]]
     for t in range(4, 9):
-        logits, cache = G.forward_cached(
-            model, jnp.asarray(ids[:, t : t + 1]), i32(t), cache, i32(0)
-        )
-        got.append(np.asarray(logits))
+        logits, cache = model(jnp.asarray(ids[:, t : t + 1]), cache=cache)  # [B,1,V]
+        got.append(np.asarray(logits)[:, 0])
+    assert int(cache.length) == 9
     np.testing.assert_allclose(np.stack(got, axis=1), want[:, 3:], rtol=1e-10, atol=1e-12)
     unwindowed, _ = model_forward(
         params, cfg.replace(sliding_window=None, sliding_layers=None), ids
     )
     assert np.abs(unwindowed[:, 3:] - want[:, 3:]).max() > 1e-3  # the window matters
     np.testing.assert_allclose(unwindowed[:, :3], want[:, :3], rtol=1e-12)  # not before it
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("name", WINDOWED)
+def test_cached_step_equals_full_forward(
+    name: str, method: str, rng: np.random.Generator, x64: None
+) -> None:
+    """Prompt (8) then one token through a KVCache of 16 slots: the step's logits are the
+    uncached forward's last ones. Overwriting a cached key outside every window changes
+    nothing; one inside a window changes the step."""
+    params, cfg, lcfg = make_case(name, method, rng, lora_spread=1.0)
+    model = engine(params, name, lcfg, qlora=method == "qlora")
+    ids = jnp.asarray(rng.integers(0, V, size=(3, 9)))
+    full = np.asarray(model(ids))[:, -1]  # [B,V]
+    _, cache = model(ids[:, :8], cache=KVCache.zeros(cfg, 3, 16, jnp.float64))
+    assert int(cache.length) == 8
+
+    def step(cache: KVCache) -> np.ndarray:
+        logits, _ = model(ids[:, 8:], cache=cache)  # [B,1,V], at position 8
+        return np.asarray(logits)[:, 0]
+
+    np.testing.assert_allclose(step(cache), full, rtol=1e-10, atol=1e-12)
+    want, _ = model_forward(params, cfg, np.asarray(ids), lora_scale=lcfg.scale if lcfg else 0.0)
+    np.testing.assert_allclose(full, want[:, -1], rtol=1e-10, atol=1e-12)  # and the spec's
+
+    def corrupt(layer: int, slot: int) -> KVCache:
+        return cache._replace(k=cache.k.at[layer, :, slot].add(1.0))
+
+    windowed = [i for i in range(cfg.n_layers) if cfg.layer_window(i) is not None]
+    for i in windowed:  # slot 5 is 3 back from position 8: outside a window of 3
+        np.testing.assert_allclose(step(corrupt(i, 5)), full, rtol=1e-10, atol=1e-12)
+    assert np.abs(step(corrupt(windowed[0], 6)) - full).max() > 1e-6  # inside the window
+    if len(windowed) < cfg.n_layers:  # a layer without a window sees every earlier key
+        plain = next(i for i in range(cfg.n_layers) if i not in windowed)
+        assert np.abs(step(corrupt(plain, 0)) - full).max() > 1e-6
+
+
+def test_cached_padding_and_positions_equal_spec(rng: np.random.Generator, x64: None) -> None:
+    """Left-padded rows with their own positions, decoded through a cache (padding given
+    over the cache's slots), give the spec's full forward with the same padding."""
+    name = "mistral-window-yarn"
+    cfg = CONFIGS[name]
+    params = random_params(cfg, rng)
+    model = engine(params, name)
+    ids = rng.integers(0, V, size=(2, 7))
+    pad = np.ones((2, 7), np.int32)
+    pad[0, :2] = 0  # row 0: two pads on the left
+    positions = np.maximum(np.cumsum(pad, axis=1) - 1, 0)  # [B,T]: row 0 starts at 0 after them
+    want, _ = model_forward(params, cfg, ids, positions=positions, attention_mask_2d=pad)
+    slots = np.concatenate([pad, np.ones((2, 1), np.int32)], axis=1)  # [B,S=8]
+    cache = KVCache.zeros(cfg, 2, 8, jnp.float64)
+    kw = dict(attention_mask_2d=jnp.asarray(slots))
+    logits, cache = model(
+        jnp.asarray(ids[:, :5]), positions=jnp.asarray(positions[:, :5]), cache=cache, **kw
+    )
+    got = [np.asarray(logits)]
+    for t in (5, 6):
+        logits, cache = model(
+            jnp.asarray(ids[:, t : t + 1]),
+            positions=jnp.asarray(positions[:, t : t + 1]),
+            cache=cache,
+            **kw,
+        )
+        got.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(got, axis=1), want, rtol=1e-10, atol=1e-12)
+    unpadded, _ = model_forward(params, cfg, ids, positions=positions)
+    assert np.abs(unpadded[0] - want[0]).max() > 1e-3  # the padding matters
+    with pytest.raises(ValueError, match="segment_ids"):
+        model(jnp.asarray(ids), segment_ids=jnp.zeros((2, 7), jnp.int32), cache=cache)
