@@ -1,40 +1,64 @@
-"""LoRA training throughput on CPU: the engine against transformers + PEFT, in one process.
+"""LoRA / QLoRA training throughput on CPU: the engine against transformers + PEFT.
 
-Both train the same Llama-shaped model (V=8192, D=512, F=1376, 4 layers, 8 heads, 4 kv
-heads), LoRA r=16 alpha=32 on all seven projections, AdamW, on the same random batch
-(B x T tokens, env B and T, default 8 x 256). Prints one JSON line per side and the ratio
-engine / peer of tokens per second (median of the timed steps). Run:
+Each side trains the same Llama-shaped model (random weights), LoRA r=16 alpha=32 on all seven
+projections, AdamW, on one fixed random batch, in a fresh process of its own; the two sides
+alternate (engine first in odd rounds, the peer first in even ones) for ``--rounds`` rounds.
+Every round's figures are printed as JSON lines, then the ratio engine / peer of tokens per
+second of each round and their median. Shapes:
 
-    python bench/cpu_train.py            # needs the interop extra (torch, transformers, peft)
+* ``default``: V=8192, D=512, F=1376, 4 layers, 8 heads over 4 kv heads, untied, batch 8 x 256.
+* ``smollm2-135m``: SmolLM2-135M (V=49152, D=576, F=1536, 30 layers, 9 heads over 3 kv heads,
+  tied embeddings), batch 4 x 128.
+
+``--method qlora`` quantizes the frozen base to NF4 (double quant, block 64) on both sides:
+the peer loads it through transformers' ``BitsAndBytesConfig`` with float32 compute.
+
+    python bench/cpu_train.py                       # needs the interop extra
+    python bench/cpu_train.py --shape smollm2-135m --rounds 3
+
+A peer figure far below what transformers + PEFT do on the machine (about 2,900 tokens/s for
+the default shape on a 2-core Xeon) means a loaded machine, not a fast engine: the spread of
+each side over the rounds is printed to show it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-V, D, F, L, N, K = 8192, 512, 1376, 4, 8, 4
-B, T = int(os.environ.get("B", 8)), int(os.environ.get("T", 256))
-WARMUP, TIMED = int(os.environ.get("WARMUP", 3)), int(os.environ.get("TIMED", 10))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHAPES: dict[str, dict[str, Any]] = {
+    "default": dict(V=8192, D=512, F=1376, L=4, N=8, K=4, H=64, tied=False, B=8, T=256),
+    "smollm2-135m": dict(V=49152, D=576, F=1536, L=30, N=9, K=3, H=64, tied=True, B=4, T=128),
+}
 
 
-def timed(step: object) -> float:
-    """Median seconds per step after the warmup steps."""
+def timed(step: Callable[[], None], warmup: int, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` steps after ``warmup`` untimed ones (compilation)."""
+    for _ in range(warmup):
+        step()
     times = []
-    for i in range(WARMUP + TIMED):
+    for _ in range(steps):
         t0 = time.perf_counter()
-        step()  # type: ignore[operator]
-        if i >= WARMUP:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
-def engine(ids: np.ndarray) -> dict[str, object]:
+def engine_side(s: dict[str, Any], method: str, ids: np.ndarray, warmup: int, steps: int) -> dict:
     import jax
     from flax import nnx
 
@@ -43,70 +67,123 @@ def engine(ids: np.ndarray) -> dict[str, object]:
     from ref_numpy.config import LoraConfig, llama_config
 
     cfg = llama_config(
-        vocab_size=V, d_model=D, n_layers=L, n_heads=N, n_kv_heads=K, d_ff=F, max_seq_len=T
+        vocab_size=s["V"],
+        d_model=s["D"],
+        n_layers=s["L"],
+        n_heads=s["N"],
+        n_kv_heads=s["K"],
+        d_ff=s["F"],
+        max_seq_len=s["T"],
+        tie_embeddings=s["tied"],
     )
     lora = LoraConfig(rank=16, alpha=32.0, targets=TARGETS)
-    model = Model(cfg, lora, EngineConfig(), rngs=nnx.Rngs(0))
+    model = Model(cfg, lora, EngineConfig(quantize=method == "qlora"), rngs=nnx.Rngs(0))
     trainer = Trainer.create(model, OptimConfig(lr=1e-4, total_steps=10_000, max_grad_norm=None))
     batch = {"input_ids": ids[None], "labels": ids[None]}
-
-    def step() -> None:
-        jax.block_until_ready(trainer.step(batch)["loss"])
-
-    s = timed(step)
-    return {
-        "side": "qlora-spec engine (jax)",
-        "jax": jax.__version__,
-        "s_per_step": s,
-        "tokens_per_s": B * T / s,
-    }
+    times = timed(lambda: jax.block_until_ready(trainer.step(batch)["loss"]), warmup, steps)
+    versions = {"jax": jax.__version__, "backend": jax.default_backend()}
+    return {"side": "engine", **versions, "times": times}
 
 
-def peer(ids: np.ndarray) -> dict[str, object]:
+def peer_side(s: dict[str, Any], method: str, ids: np.ndarray, warmup: int, steps: int) -> dict:
     import peft
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=D,
-        intermediate_size=F,
-        num_hidden_layers=L,
-        num_attention_heads=N,
-        num_key_value_heads=K,
-        max_position_embeddings=T,
-        tie_word_embeddings=False,
+    cfg = transformers.LlamaConfig(
+        vocab_size=s["V"],
+        hidden_size=s["D"],
+        intermediate_size=s["F"],
+        num_hidden_layers=s["L"],
+        num_attention_heads=s["N"],
+        num_key_value_heads=s["K"],
+        head_dim=s["H"],
+        max_position_embeddings=s["T"],
+        tie_word_embeddings=s["tied"],
     )
-    model = peft.get_peft_model(
-        LlamaForCausalLM(cfg), peft.LoraConfig(r=16, lora_alpha=32, target_modules=list(TARGETS))
-    )
+    model = transformers.LlamaForCausalLM(cfg)
+    if method == "qlora":
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            qc = transformers.BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32,
+            )
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                tmp, quantization_config=qc, device_map="cpu", dtype=torch.float32
+            )
+    lcfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(TARGETS))
+    model = peft.get_peft_model(model, lcfg)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    x = torch.tensor(ids)
+    x = torch.from_numpy(ids.astype(np.int64))
 
     def step() -> None:
         model(input_ids=x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    s = timed(step)
-    return {
-        "side": "transformers + peft (torch)",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "s_per_step": s,
-        "tokens_per_s": B * T / s,
-    }
+    times = timed(step, warmup, steps)
+    versions = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {"side": "peer", **versions, "times": times}
+
+
+def run_side(args: argparse.Namespace) -> None:
+    """One side in this process: prints one JSON line."""
+    s = SHAPES[args.shape]
+    ids = np.random.default_rng(0).integers(0, s["V"], size=(s["B"], s["T"])).astype(np.int32)
+    side = engine_side if args.side == "engine" else peer_side
+    out = side(s, args.method, ids, args.warmup, args.steps)
+    med = statistics.median(out["times"])
+    out.update(s_per_step=med, tokens_per_s=s["B"] * s["T"] / med)
+    print(json.dumps(out))
+
+
+def spawn(args: argparse.Namespace, side: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--shape", args.shape]
+    cmd += ["--method", args.method, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        sys.exit(f"{side} side failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    ids = np.random.default_rng(0).integers(0, V, size=(B, T)).astype(np.int32)
-    ours, theirs = engine(ids), peer(ids.astype(np.int64))
-    print(json.dumps(ours))
-    print(json.dumps(theirs))
-    ratio = float(ours["tokens_per_s"]) / float(theirs["tokens_per_s"])  # type: ignore[arg-type]
-    print(json.dumps({"B": B, "T": T, "ratio_engine_over_peer": ratio}))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="default")
+    p.add_argument("--method", choices=["lora", "qlora"], default="lora")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of both sides")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per process")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per process")
+    p.add_argument("--side", choices=["engine", "peer"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.side:
+        return run_side(args)
+    s = SHAPES[args.shape]
+    print(json.dumps({"shape": args.shape, "method": args.method, **s, "cpus": os.cpu_count()}))
+    ratios, per_side = [], {"engine": [], "peer": []}
+    for r in range(args.rounds):
+        order = ("engine", "peer") if r % 2 == 0 else ("peer", "engine")
+        got = {side: spawn(args, side) for side in order}
+        for side in order:
+            per_side[side].append(got[side]["tokens_per_s"])
+            print(json.dumps({"round": r + 1, **got[side]}))
+        ratios.append(got["engine"]["tokens_per_s"] / got["peer"]["tokens_per_s"])
+        print(json.dumps({"round": r + 1, "ratio_engine_over_peer": ratios[-1]}))
+    spread = {k: max(v) / min(v) - 1 for k, v in per_side.items()}
+    print(
+        json.dumps(
+            {
+                "ratios": ratios,
+                "median_ratio": statistics.median(ratios),
+                "tokens_per_s": per_side,
+                "spread_over_rounds": spread,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,245 @@
+"""LoRA / QLoRA training on one accelerator: tokens/s, peak device memory and model FLOP/s.
+
+The model is built with random weights directly on the device (nothing is downloaded):
+
+* ``1b``: TinyLlama-1.1B's shape (V=32000, D=2048, F=5632, 22 layers, 32 heads over 4 kv
+  heads), batch 4 x 2048;
+* ``8b``: Llama-3-8B's shape (V=128256, D=4096, F=14336, 32 layers, 32 heads over 8 kv heads),
+  batch 2 x 2048, with full rematerialisation by default;
+* ``tiny``: a small shape that runs anywhere, to check the script itself.
+
+LoRA r=16, alpha 32 on all seven projections, AdamW; bf16 compute with float32 adapters,
+optimizer state and loss. Each configuration runs in a fresh process of its own. Model FLOPs
+per token (the figure TFLOP/s is computed from), with N the parameters of every matrix the
+tokens pass through (projections and the LM head), r the LoRA parameters, L layers, T the
+sequence length and D the width:
+
+    4 N  (forward, and the input gradient of every frozen matrix; frozen weights get none)
+  + 6 r  (forward, input and weight gradients of the adapters)
+  + 6 L T D  (causal attention: Q K^T and P V over half the T x T scores, forward + backward)
+
+When torch (with CUDA), PEFT and bitsandbytes are importable, transformers + PEFT train the same
+shape in the same call, in their own processes, and the ratios are printed. Every line is JSON.
+
+    python bench/gpu_train.py                        # 1b: LoRA and QLoRA, remat none and full
+    python bench/gpu_train.py --model-size 8b
+    python bench/gpu_train.py --model-size tiny      # CPU check of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RANK, ALPHA = 16, 32.0
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(V=512, D=128, F=352, L=2, N=4, K=2, B=2, T=128, remat=("none",)),
+    "1b": dict(V=32000, D=2048, F=5632, L=22, N=32, K=4, B=4, T=2048, remat=("none", "full")),
+    "8b": dict(V=128256, D=4096, F=14336, L=32, N=32, K=8, B=2, T=2048, remat=("full",)),
+}
+
+
+def model_flops_per_token(s: dict[str, Any]) -> float:
+    """The formula of the module docstring."""
+    d, f, v, layers, t = s["D"], s["F"], s["V"], s["L"], s["T"]
+    kv = d // s["N"] * s["K"]
+    proj = [(d, d), (d, kv), (d, kv), (d, d), (d, f), (d, f), (f, d)]  # q k v o gate up down
+    n = layers * sum(i * o for i, o in proj) + v * d
+    r = layers * sum(RANK * (i + o) for i, o in proj)
+    return 4 * n + 6 * r + 6 * layers * t * d
+
+
+def engine_side(s: dict[str, Any], method: str, remat: str, warmup: int, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jax_impl.model import EngineConfig, Model
+    from jax_impl.train import OptimConfig, Trainer
+    from ref_numpy.config import LoraConfig, llama_config
+
+    cfg = llama_config(
+        vocab_size=s["V"],
+        d_model=s["D"],
+        n_layers=s["L"],
+        n_heads=s["N"],
+        n_kv_heads=s["K"],
+        d_ff=s["F"],
+        max_seq_len=s["T"],
+        rope_theta=500000.0,
+    )
+    gpu = jax.default_backend() == "gpu"
+    eng = EngineConfig(
+        param_dtype=jnp.float32,  # adapters (and AdamW's moments) in float32
+        dtype=jnp.bfloat16 if gpu else jnp.float32,
+        attn_impl="cudnn" if gpu else "einsum",
+        remat=remat,  # type: ignore[arg-type]
+        quantize=method == "qlora",
+    )
+    model = Model(cfg, LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS), eng, rngs=nnx.Rngs(0))
+    trainer = Trainer.create(model, OptimConfig(lr=1e-4, total_steps=10_000))
+    ids = np.random.default_rng(0).integers(0, s["V"], size=(1, s["B"], s["T"]), dtype=np.int32)
+    batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(ids)}
+    for _ in range(warmup):
+        jax.block_until_ready(trainer.step(batch)["loss"])
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(trainer.step(batch)["loss"])
+        times.append(time.perf_counter() - t0)
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return {
+        "jax": jax.__version__,
+        "device": jax.local_devices()[0].device_kind,
+        "times": times,
+        "peak_bytes": stats.get("peak_bytes_in_use"),
+    }
+
+
+def peer_side(s: dict[str, Any], method: str, remat: str, warmup: int, steps: int) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=s["V"],
+        hidden_size=s["D"],
+        intermediate_size=s["F"],
+        num_hidden_layers=s["L"],
+        num_attention_heads=s["N"],
+        num_key_value_heads=s["K"],
+        max_position_embeddings=s["T"],
+        tie_word_embeddings=False,
+    )
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    if method == "qlora":
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            del model
+            qc = transformers.BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                tmp, quantization_config=qc, device_map="cuda", dtype=torch.bfloat16
+            )
+    if remat != "none":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lcfg = peft.LoraConfig(r=RANK, lora_alpha=int(ALPHA), target_modules=list(TARGETS))
+    model = peft.get_peft_model(model, lcfg)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.randint(0, s["V"], (s["B"], s["T"]), device="cuda")
+
+    def step() -> None:
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(),
+        "times": times,
+        "peak_bytes": torch.cuda.max_memory_allocated(),
+    }
+
+
+def run_side(args: argparse.Namespace) -> None:
+    s = SHAPES[args.model_size]
+    side = engine_side if args.side == "engine" else peer_side
+    out = side(s, args.method, args.remat, args.warmup, args.steps)
+    sec = statistics.median(out["times"])
+    tok_s = s["B"] * s["T"] / sec
+    out.update(
+        side=args.side,
+        method=args.method,
+        remat=args.remat,
+        s_per_step=sec,
+        tokens_per_s=tok_s,
+        model_tflops_per_s=tok_s * model_flops_per_token(s) / 1e12,
+        peak_gib=None if out["peak_bytes"] is None else out["peak_bytes"] / 2**30,
+    )
+    print(json.dumps(out))
+
+
+def peer_available() -> bool:
+    code = "import torch, peft, bitsandbytes; assert torch.cuda.is_available()"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def spawn(args: argparse.Namespace, side: str, method: str, remat: str) -> dict | None:
+    cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--method", method]
+    cmd += ["--remat", remat, "--model-size", args.model_size]
+    cmd += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:  # out of memory is a result too: say so and go on
+        print(json.dumps({"side": side, "method": method, "remat": remat, "failed": True}))
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-size", choices=sorted(SHAPES), default="1b")
+    p.add_argument("--methods", default="lora,qlora", help="comma-separated: lora, qlora")
+    p.add_argument("--remats", help="comma-separated remat policies (default: per model size)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per process")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per process")
+    p.add_argument("--no-peer", action="store_true", help="skip transformers + PEFT")
+    p.add_argument("--side", choices=["engine", "peer"], help=argparse.SUPPRESS)
+    p.add_argument("--method", default="lora", help=argparse.SUPPRESS)
+    p.add_argument("--remat", default="none", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.side:
+        return run_side(args)
+    s = SHAPES[args.model_size]
+    remats = args.remats.split(",") if args.remats else list(s["remat"])
+    with_peer = not args.no_peer and peer_available()
+    head = {"model_size": args.model_size, "gflop_per_token": model_flops_per_token(s) / 1e9}
+    print(json.dumps({**head, **{k: v for k, v in s.items() if k != "remat"}, "peer": with_peer}))
+    for method in args.methods.split(","):
+        for remat in remats:
+            ours = spawn(args, "engine", method, remat)
+            if ours is not None:
+                print(json.dumps(ours))
+            theirs = spawn(args, "peer", method, remat) if with_peer else None
+            if theirs is not None:
+                print(json.dumps(theirs))
+            if ours is not None and theirs is not None:
+                ratio = {
+                    "tokens_per_s": ours["tokens_per_s"] / theirs["tokens_per_s"],
+                    "peak_memory": (ours["peak_gib"] or 0) / theirs["peak_gib"],
+                }
+                print(json.dumps({"method": method, "remat": remat, "engine_over_peer": ratio}))
+
+
+if __name__ == "__main__":
+    main()
