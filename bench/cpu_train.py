@@ -63,7 +63,7 @@ def engine_side(s: dict[str, Any], method: str, ids: np.ndarray, warmup: int, st
     from flax import nnx
 
     from jax_impl.model import EngineConfig, Model
-    from jax_impl.train import OptimConfig, Trainer
+    from jax_impl.train.trainer import OptimConfig, Trainer
     from ref_numpy.config import LoraConfig, llama_config
 
     cfg = llama_config(

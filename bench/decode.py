@@ -46,8 +46,8 @@ def main() -> None:
     import torch
     import transformers
 
-    from jax_impl.checkpoint import load_pretrained
     from jax_impl.generate import generate
+    from jax_impl.train.checkpoint import load_pretrained
 
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(

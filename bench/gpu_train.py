@@ -67,7 +67,7 @@ def engine_side(s: dict[str, Any], method: str, remat: str, warmup: int, steps: 
     from flax import nnx
 
     from jax_impl.model import EngineConfig, Model
-    from jax_impl.train import OptimConfig, Trainer
+    from jax_impl.train.trainer import OptimConfig, Trainer
     from ref_numpy.config import LoraConfig, llama_config
 
     cfg = llama_config(

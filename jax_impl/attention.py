@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ref_numpy.config import ModelConfig
-from ref_numpy.model import attn_shapes
+from ref_numpy.config import ModelConfig, attn_shapes
 from ref_numpy.positional import rope_attention_factor
 
 from .layers import Norm, acc_dtype, softmax

@@ -28,9 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ref_numpy.config import LoraConfig, ModelConfig
+from ref_numpy.config import LoraConfig, ModelConfig, attn_shapes, has_bias, mlp_names, mlp_shapes
 from ref_numpy.lora import LORA_LEAVES, projections, selected_paths, selects
-from ref_numpy.model import attn_shapes, has_bias, mlp_names, mlp_shapes
 from ref_numpy.nf4 import NF4Tensor
 
 from .attention import Attention, AttnImpl, KVCache, attention_mask, layer_windows

@@ -12,4 +12,7 @@ what the engine in ``jax_impl`` computes; the tests use it as the oracle. Module
 - ``model``: the whole decoder, forward and backward, and the causal LM loss.
 - ``optim``: AdamW, gradient clipping, the warmup + cosine schedule.
 - ``generate``: greedy and sampled decoding with a KV cache.
+- ``formats``: the files the spec reads and writes: ``formats.hf`` (Hugging Face configs and
+  safetensors checkpoints), ``formats.peft`` (PEFT adapters, merging), ``formats.bnb``
+  (bitsandbytes NF4 checkpoints) and ``formats.files`` (atomic directories, JSON).
 """

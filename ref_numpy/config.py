@@ -339,3 +339,40 @@ __all__ = [
     "gpt2_config",
     "llama_config",
 ]
+
+
+# --- the shape schema of a config: which projections exist, their kernels, their biases ---
+
+
+def mlp_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """Projection names of the MLP: ``(up, down)`` or ``(gate, up, down)`` for SwiGLU."""
+    if cfg.family == "gpt2":
+        return ("c_fc", "c_proj")
+    if cfg.activation == "swiglu":
+        return ("gate_proj", "up_proj", "down_proj")
+    return ("up_proj", "down_proj")
+
+
+def attn_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Kernel shape ``[in, out]`` of each attention projection."""
+    d, n, kv, h = cfg.d_model, cfg.n_heads, cfg.n_kv, cfg.hd
+    if cfg.fused_qkv:
+        return {"c_attn": (d, (n + 2 * kv) * h), "c_proj": (n * h, d)}
+    return {
+        "q_proj": (d, n * h),
+        "k_proj": (d, kv * h),
+        "v_proj": (d, kv * h),
+        "o_proj": (n * h, d),
+    }
+
+
+def mlp_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Kernel shape ``[in, out]`` of each MLP projection."""
+    d, f = cfg.d_model, cfg.d_ff
+    *ins, down = mlp_names(cfg)
+    return {**{name: (d, f) for name in ins}, down: (f, d)}
+
+
+def has_bias(cfg: ModelConfig, name: str) -> bool:
+    """Whether projection `name` carries a bias under `cfg.bias`."""
+    return cfg.bias == "all" or (cfg.bias == "qkv" and name in ("q_proj", "k_proj", "v_proj"))

@@ -1,6 +1,6 @@
 """The decoder-only transformer: forward, full backward, and the causal language-model loss.
 
-The param tree (names follow the checkpoints, see ``hf_io.py`` for the file names)::
+The param tree (names follow the checkpoints, see ``hf.py`` for the file names)::
 
     embed.embedding        [V, D]     token embeddings
     pos_embed.embedding    [P, D]     learned positions (gpt2 only)
@@ -29,7 +29,7 @@ import numpy as np
 
 from . import layers as L
 from .attention import attention_backward, attention_forward, attention_mask
-from .config import ModelConfig
+from .config import ModelConfig, attn_shapes, has_bias, mlp_names, mlp_shapes
 from .lora import dense_backward, dense_forward, has_lora
 from .positional import (
     learned_backward,
@@ -45,40 +45,6 @@ ACTIVATIONS = {
     "gelu": (L.gelu_forward, L.gelu_backward),
     "gelu_tanh": (L.gelu_tanh_forward, L.gelu_tanh_backward),
 }
-
-
-def mlp_names(cfg: ModelConfig) -> tuple[str, ...]:
-    """Projection names of the MLP: ``(up, down)`` or ``(gate, up, down)`` for SwiGLU."""
-    if cfg.family == "gpt2":
-        return ("c_fc", "c_proj")
-    if cfg.activation == "swiglu":
-        return ("gate_proj", "up_proj", "down_proj")
-    return ("up_proj", "down_proj")
-
-
-def attn_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """Kernel shape ``[in, out]`` of each attention projection."""
-    d, n, kv, h = cfg.d_model, cfg.n_heads, cfg.n_kv, cfg.hd
-    if cfg.fused_qkv:
-        return {"c_attn": (d, (n + 2 * kv) * h), "c_proj": (n * h, d)}
-    return {
-        "q_proj": (d, n * h),
-        "k_proj": (d, kv * h),
-        "v_proj": (d, kv * h),
-        "o_proj": (n * h, d),
-    }
-
-
-def mlp_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """Kernel shape ``[in, out]`` of each MLP projection."""
-    d, f = cfg.d_model, cfg.d_ff
-    *ins, down = mlp_names(cfg)
-    return {**{name: (d, f) for name in ins}, down: (f, d)}
-
-
-def has_bias(cfg: ModelConfig, name: str) -> bool:
-    """Whether projection `name` carries a bias under `cfg.bias`."""
-    return cfg.bias == "all" or (cfg.bias == "qkv" and name in ("q_proj", "k_proj", "v_proj"))
 
 
 def init_params(cfg: ModelConfig, rng: np.random.Generator, std: float = 0.02) -> Params:

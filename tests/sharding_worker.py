@@ -21,9 +21,15 @@ import numpy as np
 from flax import nnx
 
 from jax_impl.model import EngineConfig, Model
-from jax_impl.orbax_state import TrainCheckpoints
-from jax_impl.sharding import make_mesh, parse_mesh, per_device_bytes, shard_batch, shard_trainer
-from jax_impl.train import OptimConfig, Trainer
+from jax_impl.train.orbax_state import TrainCheckpoints
+from jax_impl.train.sharding import (
+    make_mesh,
+    parse_mesh,
+    per_device_bytes,
+    shard_batch,
+    shard_trainer,
+)
+from jax_impl.train.trainer import OptimConfig, Trainer
 from ref_numpy.config import LoraConfig, llama_config
 
 MESHES = ("data=8", "fsdp=8", "data=2,fsdp=4", "data=2,fsdp=2,tensor=2")

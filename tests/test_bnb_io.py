@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from ref_numpy import bnb_io, hf_io
 from ref_numpy.config import ModelConfig, gpt2_config, llama_config
-from ref_numpy.hf_io import CheckpointError
+from ref_numpy.formats import bnb as bnb_io
+from ref_numpy.formats import hf as hf_io
+from ref_numpy.formats.hf import CheckpointError
 from ref_numpy.lora import projections
 from ref_numpy.model import init_params, model_forward
 from ref_numpy.nf4 import DYNAMIC_MAP, NF4_CODE, NF4Tensor, quantize_kernel

@@ -8,18 +8,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_impl.checkpoint import load_pretrained, load_train_state, save_adapter, save_train_state
-from jax_impl.cli import main
+from jax_impl.apps.cli import main
 from jax_impl.model import EngineConfig
-from jax_impl.train import OptimConfig, Trainer
+from jax_impl.train.checkpoint import (
+    load_pretrained,
+    load_train_state,
+    save_adapter,
+    save_train_state,
+)
+from jax_impl.train.trainer import OptimConfig, Trainer
 from ref_numpy import lora as LR
-from ref_numpy.bnb_io import is_nf4_checkpoint, load_nf4_model
 from ref_numpy.config import LoraConfig, llama_config
-from ref_numpy.hf_io import load_model, save_model
+from ref_numpy.formats.bnb import is_nf4_checkpoint, load_nf4_model
+from ref_numpy.formats.hf import load_model, save_model
+from ref_numpy.formats.peft import load_adapter
+from ref_numpy.formats.peft import save_adapter as spec_save_adapter
 from ref_numpy.model import init_params, model_forward
 from ref_numpy.nf4 import NF4Tensor
-from ref_numpy.peft_io import load_adapter
-from ref_numpy.peft_io import save_adapter as spec_save_adapter
 from tests.helpers import rel_err
 
 CFG = llama_config(

@@ -8,9 +8,9 @@ import json
 import re
 from pathlib import Path
 
-from jax_impl import corpus
-from jax_impl.demo import TASK_HELDOUT, TASK_TRAIN, write_task
-from jax_impl.pretrain import train_tokenizer
+from jax_impl.apps import corpus
+from jax_impl.apps.demo import TASK_HELDOUT, TASK_TRAIN, write_task
+from jax_impl.apps.pretrain import train_tokenizer
 
 ISO = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")
 

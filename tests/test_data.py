@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTok
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from jax_impl.data import (
+from jax_impl.train.data import (
     DEFAULT_CHAT_TEMPLATE,
     ChatTemplate,
     DataError,
@@ -43,7 +43,7 @@ from jax_impl.data import (
     save_byte_tokenizer,
     unpacked_rows,
 )
-from jax_impl.data import Tokenizer as DataTokenizer
+from jax_impl.train.data import Tokenizer as DataTokenizer
 
 IGNORE = -100
 BOS, EOS, PAD = 256, 257, 258  # the byte tokenizer's specials

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from jax_impl.cli import build_parser, main, train_config
-from jax_impl.demo import BASE, RECIPE, TASK_TRAIN, DemoConfig, answer, run_demo, table
-from ref_numpy import hf_io
-from ref_numpy.model import attn_shapes, mlp_shapes
+from jax_impl.apps.cli import build_parser, main, train_config
+from jax_impl.apps.demo import BASE, RECIPE, TASK_TRAIN, DemoConfig, answer, run_demo, table
+from ref_numpy.config import attn_shapes, mlp_shapes
+from ref_numpy.formats import hf as hf_io
 
 # The fast version: fewer steps and held-out examples than the full demo's.
 FAST_STEPS, FAST_HELDOUT = 200, 50

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ref_numpy.config import RopeScaling, classic_config, gpt2_config, llama_config
-from ref_numpy.hf_io import (
+from ref_numpy.formats.hf import (
     CheckpointError,
     config_to_hf,
     hf_state,

@@ -21,16 +21,16 @@ import pytest
 from flax import nnx
 from safetensors import safe_open
 
-from jax_impl.checkpoint import load_pretrained, save_adapter
 from jax_impl.model import EngineConfig, Model, from_spec, lora_targets, to_spec, trainable_params
-from jax_impl.train import OptimConfig, Trainer
+from jax_impl.train.checkpoint import load_pretrained, save_adapter
+from jax_impl.train.trainer import OptimConfig, Trainer
 from ref_numpy import lora as LR
 from ref_numpy.config import LoraConfig, llama_config
-from ref_numpy.hf_io import save_model
+from ref_numpy.formats.hf import save_model
+from ref_numpy.formats.peft import CONFIG_FILE, WEIGHTS_FILE, load_adapter
+from ref_numpy.formats.peft import save_adapter as spec_save_adapter
 from ref_numpy.model import init_params, loss_and_grads, model_forward
 from ref_numpy.optim import adamw_init, adamw_update, clip_by_global_norm, warmup_cosine
-from ref_numpy.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
-from ref_numpy.peft_io import save_adapter as spec_save_adapter
 from tests.helpers import RTOL, grad_rel_errs, leaves, rel_err
 from tests.test_model import CONFIGS, batch, random_params
 from tests.test_parity import engine_loss_and_grads, spec_masks

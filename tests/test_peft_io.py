@@ -15,11 +15,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from ref_numpy import hf_io
 from ref_numpy.config import LoraConfig, ModelConfig, gpt2_config, llama_config
-from ref_numpy.lora import add_lora, join_lora, merge_lora, projections, split_lora
-from ref_numpy.model import init_params, model_forward
-from ref_numpy.peft_io import (
+from ref_numpy.formats import hf as hf_io
+from ref_numpy.formats.peft import (
     CONFIG_FILE,
     PICKLE_FILE,
     WEIGHTS_FILE,
@@ -28,6 +26,8 @@ from ref_numpy.peft_io import (
     merge_adapter,
     save_adapter,
 )
+from ref_numpy.lora import add_lora, join_lora, merge_lora, projections, split_lora
+from ref_numpy.model import init_params, model_forward
 from tests.helpers import RTOL, rel_err
 
 LLAMA = llama_config(

@@ -10,18 +10,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from jax_impl import corpus
-from jax_impl.cli import main
-from jax_impl.data import load_tokenizer
-from jax_impl.demo import BASE
-from jax_impl.pretrain import (
+from jax_impl.apps import corpus
+from jax_impl.apps.cli import main
+from jax_impl.apps.demo import BASE
+from jax_impl.apps.pretrain import (
     PretrainConfig,
     model_config,
     pretrain,
     recorded_config,
     train_tokenizer,
 )
-from ref_numpy import hf_io
+from jax_impl.train.data import load_tokenizer
+from ref_numpy.formats import hf as hf_io
 
 TINY: dict[str, Any] = dict(
     docs=400,

@@ -23,8 +23,8 @@ from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from jax_impl.model import EngineConfig, Model
-from jax_impl.orbax_state import TrainCheckpoints
-from jax_impl.sharding import (
+from jax_impl.train.orbax_state import TrainCheckpoints
+from jax_impl.train.sharding import (
     MESH_AXES,
     RULES,
     MeshConfig,
@@ -35,7 +35,7 @@ from jax_impl.sharding import (
     shard_batch,
     state_shardings,
 )
-from jax_impl.train import OptimConfig, optimizer
+from jax_impl.train.trainer import OptimConfig, optimizer
 from ref_numpy.config import LoraConfig
 from tests.helpers import RTOL
 from tests.sharding_worker import MESHES, SAVED_AT

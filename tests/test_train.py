@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jax_impl.model import to_spec
-from jax_impl.train import OptimConfig, Trainer
+from jax_impl.train.trainer import OptimConfig, Trainer
 from ref_numpy.model import loss_and_grads
 from ref_numpy.optim import adamw_init, adamw_update, clip_by_global_norm, warmup_cosine
 from tests.helpers import leaves
@@ -179,8 +179,8 @@ def test_prompts_take_no_loss_and_segments_see_nothing_of_each_other() -> None:
     """A hand-built packed row: two examples, each a 3-token prompt and a completion."""
     from flax import nnx
 
-    from jax_impl.data import Encoded, batches, pack
-    from jax_impl.train import token_loss_sum
+    from jax_impl.train.data import Encoded, batches, pack
+    from jax_impl.train.trainer import token_loss_sum
 
     p = np.int32
     ex1 = Encoded(np.array([5, 6, 7, 8, 9], p), np.array([-100, -100, -100, 8, 9], p))

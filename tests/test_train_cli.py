@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_impl.cli import main
-from jax_impl.data import save_byte_tokenizer
-from jax_impl.train import TrainConfig, resolve_max_length, resolve_targets
+from jax_impl.apps.cli import main
+from jax_impl.train.data import save_byte_tokenizer
+from jax_impl.train.trainer import TrainConfig, resolve_max_length, resolve_targets
 from ref_numpy.config import gpt2_config, llama_config
-from ref_numpy.hf_io import save_model
+from ref_numpy.formats.hf import save_model
+from ref_numpy.formats.peft import load_adapter
 from ref_numpy.model import init_params
-from ref_numpy.peft_io import load_adapter
 
 CFG = llama_config(
     vocab_size=300, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128
@@ -164,7 +164,7 @@ def test_bad_data_stops_before_training(
 
 
 def test_config_file_and_flags(model_dir: Path, tmp_path: Path) -> None:
-    from jax_impl.cli import build_parser, train_config
+    from jax_impl.apps.cli import build_parser, train_config
 
     conf = tmp_path / "c.toml"
     conf.write_text(
@@ -191,7 +191,7 @@ def test_killed_run_resumes_to_identical_parameters(
     (with adapter dropout on, so the dropout keys must resume too)."""
     data = write_chat_data(tmp_path / "chat.jsonl")
     extra = ("--steps", "30", "--checkpoint-interval", "1", "--method", method)
-    cmd = [sys.executable, "-m", "jax_impl.cli"]
+    cmd = [sys.executable, "-m", "jax_impl.apps.cli"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     full = tmp_path / "full"
     subprocess.run(
@@ -322,7 +322,7 @@ def test_max_length_defaults_to_the_model_context(
 def test_layers_to_transform_trains_only_those_blocks(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from jax_impl.cli import build_parser, train_config
+    from jax_impl.apps.cli import build_parser, train_config
 
     def layers(*argv: str) -> tuple[int, ...] | None:
         args = ["train", "--model", "m", "--data", "d", "--out", "o", *argv]
@@ -356,7 +356,7 @@ def test_layers_to_transform_trains_only_those_blocks(
 def test_targets_take_commas_spaces_and_all_linear(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from jax_impl.cli import build_parser, train_config
+    from jax_impl.apps.cli import build_parser, train_config
 
     def targets(*argv: str) -> tuple[str, ...]:
         args = ["train", "--model", "m", "--data", "d", "--out", "o", *argv]
@@ -443,7 +443,7 @@ def interrupt_before_out(monkeypatch: pytest.MonkeyPatch) -> None:
     def stop(*_: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("jax_impl.train.plot_loss", stop)
+    monkeypatch.setattr("jax_impl.train.trainer.plot_loss", stop)
 
 
 def test_resume_refuses_a_changed_config_or_data(
@@ -487,7 +487,7 @@ def test_metrics_count_processed_and_loss_tokens(
 ) -> None:
     """One epoch: the tokens of metrics.jsonl add up to every token of the encoded file,
     the loss tokens to its targets; the bar shows both rates; peak memory is reported."""
-    from jax_impl.data import encode_file
+    from jax_impl.train.data import encode_file
 
     data = write_chat_data(tmp_path / "chat.jsonl", n=12)
     out = tmp_path / "run"
@@ -511,7 +511,7 @@ def test_help_lists_every_flag_with_its_choices(capsys: pytest.CaptureFixture[st
     import argparse
     import dataclasses
 
-    from jax_impl.cli import add_flags, build_parser
+    from jax_impl.apps.cli import add_flags, build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -553,9 +553,9 @@ def test_help_lists_every_flag_with_its_choices(capsys: pytest.CaptureFixture[st
 def test_generate_command_gives_the_spec_greedy_text(
     model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from jax_impl.data import load_tokenizer
+    from jax_impl.train.data import load_tokenizer
+    from ref_numpy.formats.hf import load_model
     from ref_numpy.generate import generate
-    from ref_numpy.hf_io import load_model
 
     prompt = "hello 12+34?"
     assert (

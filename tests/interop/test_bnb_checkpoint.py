@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ref_numpy import bnb_io
-from ref_numpy.hf_io import load_config, module_name
+from ref_numpy.formats import bnb as bnb_io
+from ref_numpy.formats.hf import load_config, module_name
 from ref_numpy.lora import projections
 from ref_numpy.model import model_forward
 from ref_numpy.nf4 import DYNAMIC_MAP, NF4_CODE, NF4Tensor, dequantize_nf4, quantize_blockwise

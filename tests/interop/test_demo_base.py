@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jax_impl.checkpoint import load_pretrained
-from jax_impl.data import load_tokenizer
-from jax_impl.demo import BASE
+from jax_impl.apps.demo import BASE
+from jax_impl.train.checkpoint import load_pretrained
+from jax_impl.train.data import load_tokenizer
 from tests.helpers import HF_RTOL, rel_err
 
 torch = pytest.importorskip("torch")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ref_numpy.hf_io import CheckpointError, load_config, load_model, save_model
+from ref_numpy.formats.hf import CheckpointError, load_config, load_model, save_model
 from ref_numpy.model import model_forward
 from tests.helpers import HF_RTOL, rel_err
 
@@ -260,7 +260,7 @@ def test_yarn_frequencies_match_transformers() -> None:
     ``_compute_yarn_parameters``, across its options."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from ref_numpy.hf_io import config_from_hf
+    from ref_numpy.formats.hf import config_from_hf
     from ref_numpy.positional import rope_attention_factor, rope_frequencies
 
     base = dict(
@@ -357,7 +357,7 @@ def test_gpt2_special_ids_outside_a_small_vocab_are_absent(tmp_path: Path) -> No
     with a warning naming the field, the special tokens treated as absent."""
     import tokenizers
 
-    from jax_impl.data import load_tokenizer
+    from jax_impl.train.data import load_tokenizer
 
     hf = make_hf_model("gpt2", tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())

@@ -16,14 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_impl.checkpoint import load_pretrained
-from jax_impl.checkpoint import save_adapter as engine_save_adapter
-from jax_impl.train import OptimConfig, Trainer
-from ref_numpy import hf_io
+from jax_impl.train.checkpoint import load_pretrained
+from jax_impl.train.checkpoint import save_adapter as engine_save_adapter
+from jax_impl.train.trainer import OptimConfig, Trainer
 from ref_numpy.config import LoraConfig
+from ref_numpy.formats import hf as hf_io
+from ref_numpy.formats.peft import load_adapter, merge_adapter, save_adapter
 from ref_numpy.lora import add_lora, join_lora, projections
 from ref_numpy.model import model_forward
-from ref_numpy.peft_io import load_adapter, merge_adapter, save_adapter
 from tests.helpers import HF_RTOL, rel_err
 
 torch = pytest.importorskip("torch")
@@ -249,7 +249,7 @@ def test_peft_selects_is_peft(fields: dict[str, Any]) -> None:
     from peft.tuners.tuners_utils import check_target_module_exists
 
     from ref_numpy.config import gpt2_config, llama_config
-    from ref_numpy.peft_io import peft_selects, projection_shapes
+    from ref_numpy.formats.peft import peft_selects, projection_shapes
 
     pconf = peft.LoraConfig(**fields)
     shape = dict(vocab_size=11, d_model=8, n_layers=3, n_heads=2, d_ff=7, max_seq_len=8)

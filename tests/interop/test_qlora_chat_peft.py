@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jax_impl.cli import main
-from jax_impl.data import encode_file, save_byte_tokenizer
+from jax_impl.apps.cli import main
+from jax_impl.train.data import encode_file, save_byte_tokenizer
 from ref_numpy.config import llama_config
-from ref_numpy.hf_io import save_model
+from ref_numpy.formats.hf import save_model
 from ref_numpy.layers import IGNORE_INDEX
 from ref_numpy.model import init_params
 from tests.test_train_cli import write_chat_data

@@ -24,8 +24,8 @@ from tokenizers import (
     trainers,
 )
 
-from jax_impl.cli import main
-from jax_impl.data import (
+from jax_impl.apps.cli import main
+from jax_impl.train.data import (
     DEFAULT_CHAT_TEMPLATE,
     Encoded,
     encode,

@@ -6,7 +6,7 @@ An adapter directory, as PEFT's ``save_pretrained`` writes it (checked against P
     adapter_model.safetensors    base_model.model.<module>.lora_A.weight   [R, in]
                                  base_model.model.<module>.lora_B.weight   [out, R]
 
-``<module>`` is the checkpoint name of the adapted projection (``hf_io.module_name``), e.g.
+``<module>`` is the checkpoint name of the adapted projection (``hf.module_name``), e.g.
 ``model.layers.0.self_attn.q_proj`` or GPT-2's ``transformer.h.0.attn.c_attn``. PEFT's own
 adapter name (``default``) is *not* in the file: PEFT strips it on save and inserts it on
 load. The two matrices are ``nn.Linear`` weights, PyTorch ``[out, in]``, so they are the
@@ -29,7 +29,7 @@ adapted projections, else the full module names.
 Reading refuses every option that changes what the adapter computes beyond
 ``y = x @ W + b + scale * x @ A @ B`` (DoRA, per-module ranks, extra trained modules, ...),
 rather than silently computing something else. ``adapter_model.bin`` (a pickle) is never
-read. Writing is atomic (``hf_io.atomic_dir``).
+read. Writing is atomic (``files.atomic_dir``).
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from .config import LoraConfig, ModelConfig
-from .hf_io import CheckpointError, atomic_dir, load_model, module_name, save_model, write_json
-from .lora import join_lora, merge_lora, projections, selects
-from .model import attn_shapes, mlp_shapes
+from ..config import LoraConfig, ModelConfig, attn_shapes, mlp_shapes
+from ..lora import join_lora, merge_lora, projections, selects
+from .files import atomic_dir, write_json
+from .hf import CheckpointError, load_model, module_name, save_model
 
 Params = dict[str, Any]
 Adapters = dict[str, dict[str, np.ndarray]]  # {path: {"lora_A": [I,R], "lora_B": [R,O]}}

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from .train import Trainer
+from .trainer import Trainer
 
 Array = jax.Array
 MeshAxes = str | tuple[str, ...] | None

@@ -11,15 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ref_numpy import hf_io, peft_io
+from ref_numpy.formats import bnb, hf, peft
 from ref_numpy.lora import join_lora
 from ref_numpy.model import causal_lm_loss, model_forward
 
-from .checkpoint import load_pretrained
-from .data import batches as make_batches
-from .data import bucket_lengths, encode_file, unpacked_rows
-from .model import EngineConfig
-from .train import resolve_max_length, token_loss_sum
+from ..model import EngineConfig
+from ..train.checkpoint import load_pretrained
+from ..train.data import batches as make_batches
+from ..train.data import bucket_lengths, encode_file, unpacked_rows
+from ..train.trainer import resolve_max_length, token_loss_sum
 
 
 def evaluate_file(
@@ -40,7 +40,7 @@ def evaluate_file(
     most 512) are truncated. ``method="qlora"`` quantizes the base to NF4 as it loads (an NF4
     checkpoint is always read as NF4).
     """
-    cfg = hf_io.load_config(model_dir)
+    cfg = hf.load_config(model_dir)
     max_length = resolve_max_length(max_length, cfg.max_seq_len)
     encoded, _, tok, _ = encode_file(
         model_dir, data, cfg.vocab_size, max_length, train_on_prompt=train_on_prompt
@@ -58,16 +58,15 @@ def evaluate_file(
             s, n = step(params, rest, {k: jnp.asarray(v[0]) for k, v in batch.items()})
             total, count = total + float(s), count + int(n)
         return total / max(count, 1), count
-    from ref_numpy import bnb_io
 
-    if bnb_io.is_nf4_checkpoint(model_dir):
-        cfg, params = bnb_io.load_nf4_model(model_dir, dtype=np.float64)
+    if bnb.is_nf4_checkpoint(model_dir):
+        cfg, params = bnb.load_nf4_model(model_dir, dtype=np.float64)
     else:
         quantize = (lambda path: True) if method == "qlora" else None
-        cfg, params = hf_io.load_model(model_dir, dtype=np.float64, quantize=quantize)
+        cfg, params = hf.load_model(model_dir, dtype=np.float64, quantize=quantize)
     scale = 0.0
     if adapter is not None:
-        lora, adapters = peft_io.load_adapter(adapter, cfg, dtype=np.float64)
+        lora, adapters = peft.load_adapter(adapter, cfg, dtype=np.float64)
         params, scale = join_lora(params, adapters), lora.scale
     for batch in make_batches(rows, batch_size, 1, buckets, seed=0, epoch=0, pad_id=pad_id):
         b = {k: v[0] for k, v in batch.items()}

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     """One flag per ``TrainConfig`` field (``max_length`` -> ``--max-length``), plus
     ``--config FILE`` (TOML, YAML or JSON with the same keys; flags win)."""
-    from .train import TrainConfig
+    from ..train.trainer import TrainConfig
 
     p.add_argument(
         "--config",
@@ -218,10 +218,7 @@ def _read_config(path: str) -> dict:
 
     text = pathlib.Path(path).read_text()
     if path.endswith(".toml"):
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
+        import tomllib
 
         data: Any = tomllib.loads(text)
     elif path.endswith((".yaml", ".yml")):
@@ -306,7 +303,7 @@ def train_config(args: argparse.Namespace) -> Any:
     LoRA flags (``--rank`` ...) given with ``--method full``, typed or in the file, are an
     error: they would change nothing.
     """
-    from .train import LORA_FIELDS, TrainConfig
+    from ..train.trainer import LORA_FIELDS, TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     values: dict[str, Any] = {}
@@ -379,10 +376,10 @@ def _eval(args: argparse.Namespace) -> dict:
 
 def _generate(args: argparse.Namespace) -> str:
 
-    from .checkpoint import load_pretrained
-    from .data import chat_prompt_ids, load_chat_template, load_tokenizer
-    from .generate import generate_many
-    from .model import EngineConfig
+    from ..generate import generate_many
+    from ..model import EngineConfig
+    from ..train.checkpoint import load_pretrained
+    from ..train.data import chat_prompt_ids, load_chat_template, load_tokenizer
 
     tok = load_tokenizer(args.model)
     if args.chat:
@@ -431,12 +428,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("merge", "eval", "generate"):
             args.model = _base_model(args)
         if args.command == "merge":
-            from ref_numpy.peft_io import merge_adapter
+            from ref_numpy.formats.peft import merge_adapter
 
             out = merge_adapter(args.model, args.adapter, args.out, overwrite=args.overwrite)
             print(f"wrote {out}")
         elif args.command == "quantize":
-            from ref_numpy.bnb_io import quantize_model
+            from ref_numpy.formats.bnb import quantize_model
 
             out = quantize_model(
                 args.model,
@@ -447,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(f"wrote {out}")
         elif args.command == "train":
-            from .train import TrainingDiverged, run
+            from ..train.trainer import TrainingDiverged, run
 
             try:
                 summary = run(train_config(args))

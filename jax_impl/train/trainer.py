@@ -41,12 +41,13 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from ref_numpy import bnb_io, hf_io
-from ref_numpy.config import LoraConfig, ModelConfig
+from ref_numpy.config import LoraConfig, ModelConfig, attn_shapes, mlp_shapes
+from ref_numpy.formats import bnb, files, hf
 from ref_numpy.lora import matches_target
-from ref_numpy.model import attn_shapes, mlp_shapes
 from ref_numpy.nf4 import nf4_bits_per_param
 
+from ..layers import cross_entropy
+from ..model import EngineConfig, Model, Remat, to_spec, trainable_params
 from .checkpoint import load_pretrained, load_train_state, save_adapter, save_train_state
 from .data import (
     DataError,
@@ -58,8 +59,6 @@ from .data import (
     pack,
     unpacked_rows,
 )
-from .layers import cross_entropy
-from .model import EngineConfig, Model, Remat, to_spec, trainable_params
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -526,12 +525,12 @@ def _run(tc: TrainConfig, progress: bool) -> dict[str, Any]:
                 "or --overwrite to start again)"
             )
         shutil.rmtree(work)
-    if bnb_io.is_nf4_checkpoint(tc.model) and tc.method != "qlora":
+    if bnb.is_nf4_checkpoint(tc.model) and tc.method != "qlora":
         raise ValueError(
             f"{tc.model}: a 4-bit (NF4) checkpoint; --method {tc.method} needs the float "
             "checkpoint (use --method qlora to train adapters beside the NF4 base)"
         )
-    base_cfg = hf_io.load_config(tc.model)
+    base_cfg = hf.load_config(tc.model)
     max_length = resolve_max_length(tc.max_length, base_cfg.max_seq_len)
     tc = dataclasses.replace(  # as the run uses it, which train_config.json records
         tc,
@@ -578,7 +577,7 @@ def _run(tc: TrainConfig, progress: bool) -> dict[str, Any]:
     else:  # the record a later --resume is checked against
         metrics_path.write_text("")
         for name, value in record.items():
-            hf_io.write_json(work / name, value)
+            files.write_json(work / name, value)
 
     bar = tqdm(total=total, initial=trainer.step_count, disable=not progress, unit="step")
     t_start, tokens_done, loss_tokens_done = time.perf_counter(), 0, 0
@@ -634,10 +633,10 @@ def _run(tc: TrainConfig, progress: bool) -> dict[str, Any]:
     summary = _summary(trainer, cfg, stats, last)
     if held:
         summary["eval_loss"], summary["eval_tokens"] = evaluate(trainer, held, tc, buckets, pad_id)
-    with hf_io.atomic_dir(out, tc.overwrite) as tmp:
+    with files.atomic_dir(out, tc.overwrite) as tmp:
         final = trainer.model()
         if tc.method == "full":
-            hf_io.save_model(to_spec(final), cfg, tmp / "model", tokenizer_from=tc.model)
+            hf.save_model(to_spec(final), cfg, tmp / "model", tokenizer_from=tc.model)
             for f in (tmp / "model").iterdir():
                 f.rename(tmp / f.name)
             (tmp / "model").rmdir()
@@ -648,7 +647,7 @@ def _run(tc: TrainConfig, progress: bool) -> dict[str, Any]:
             (tmp / "adapter").rmdir()
         shutil.copy2(metrics_path, tmp / "metrics.jsonl")
         shutil.copy2(work / "train_config.json", tmp / "train_config.json")  # as first started
-        hf_io.write_json(tmp / "summary.json", summary)
+        files.write_json(tmp / "summary.json", summary)
         plot_loss(tmp / "metrics.jsonl", tmp / "loss.png")
     shutil.rmtree(work)
     return summary
@@ -710,7 +709,7 @@ def check_unchanged(work: Path, record: dict[str, Any]) -> None:
 
 def _summary(trainer: Trainer, cfg: Any, stats: dict, last: dict) -> dict:
     trainable = trainable_params(trainer.model())  # the selected layers' adapters only
-    base = hf_io.n_params(cfg)
+    base = hf.n_params(cfg)
     proj = sum(int(np.prod(s)) for s in (*attn_shapes(cfg).values(), *mlp_shapes(cfg).values()))
     proj *= cfg.n_layers
     gib = 2.0**30

@@ -2,7 +2,7 @@
 
 The run is three steps, each reproducible from the config alone:
 
-1. the corpus: ``jax_impl.corpus`` documents (or the ``text`` lines of a JSONL file);
+1. the corpus: ``jax_impl.apps.corpus`` documents (or the ``text`` lines of a JSONL file);
 2. a byte-level BPE tokenizer trained on it (``tokenizers``), digits kept one per token so
    numbers are spelled digit by digit;
 3. a Llama-family model initialised by the spec (``ref_numpy.model.init_params``) and fully
@@ -27,12 +27,12 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from ref_numpy import hf_io
 from ref_numpy.config import ModelConfig, llama_config
+from ref_numpy.formats import files, hf
 from ref_numpy.model import init_params
 
+from ..train.data import read_jsonl
 from . import corpus
-from .data import read_jsonl
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 # Words with their leading space, single digits, runs of other symbols, whitespace.
@@ -146,9 +146,9 @@ def write_init(pc: PretrainConfig, texts: list[str], out_dir: Path) -> ModelConf
     tok = train_tokenizer(texts, pc.vocab_size)
     cfg = model_config(pc, tok.get_vocab_size(with_added_tokens=True))
     params = init_params(cfg, np.random.default_rng(pc.seed), std=pc.init_std)
-    hf_io.save_model(params, cfg, out_dir)
+    hf.save_model(params, cfg, out_dir)
     tok.save(str(out_dir / "tokenizer.json"))
-    hf_io.write_json(
+    files.write_json(
         out_dir / "tokenizer_config.json",
         {
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -179,7 +179,7 @@ def recorded_config(pc: PretrainConfig) -> dict[str, Any]:
 
 def pretrain(pc: PretrainConfig, progress: bool = True) -> dict[str, Any]:
     """Corpus, tokenizer, init, then full training into ``pc.out``; returns the summary."""
-    from .train import TrainConfig, run
+    from ..train.trainer import TrainConfig, run
 
     out = Path(pc.out)
     if out.exists() and not pc.overwrite:
@@ -210,11 +210,11 @@ def pretrain(pc: PretrainConfig, progress: bool = True) -> dict[str, Any]:
             checkpoint_interval=max(pc.steps // 4, 1),
         )
         summary = run(tc, progress=progress)
-        with hf_io.atomic_dir(out, pc.overwrite) as tmp:
+        with files.atomic_dir(out, pc.overwrite) as tmp:
             for item in (work / "model").iterdir():
                 if item.name != "train_config.json":  # its paths were the work dir's
                     shutil.move(item, tmp / item.name)
-            hf_io.write_json(tmp / "pretrain_config.json", recorded_config(pc))
+            files.write_json(tmp / "pretrain_config.json", recorded_config(pc))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return summary

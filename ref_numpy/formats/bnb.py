@@ -27,7 +27,7 @@ that transformers writes (``quantization_config`` below).
 
 Reading takes such a checkpoint, ours or transformers', into the spec's param tree with
 ``NF4Tensor`` kernels (held in the PyTorch ``[out, in]`` order, see ``nf4.py``); everything that
-is not a quantized projection is read as ``hf_io.load_model`` reads it.
+is not a quantized projection is read as ``hf.load_model`` reads it.
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ from typing import Any, Literal
 import numpy as np
 from safetensors.numpy import save_file
 
-from . import hf_io
-from .config import ModelConfig
-from .hf_io import CheckpointError, HFTensor, Params
-from .lora import projections
-from .nf4 import BLOCKSIZES, NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor, quantize_kernel
+from ..config import ModelConfig
+from ..lora import projections
+from ..nf4 import BLOCKSIZES, NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor, quantize_kernel
+from . import files, hf
+from .hf import CheckpointError, HFTensor, Params
 
 ComputeDtype = Literal["float32", "float16", "bfloat16"]
 MODEL_DTYPES = ("float32", "float16", "bfloat16")  # dtypes bnb records in a QuantState
@@ -309,9 +309,9 @@ def _nf4_entries(
                 "the base params (an NF4 kernel cannot absorb a merge)"
             )
     state: dict[str, np.ndarray] = {}
-    for t in hf_io.hf_tensors(cfg):
-        value = hf_io.get_leaf(params, t.path)
-        if not _is_projection(t):  # as hf_io.hf_state writes it
+    for t in hf.hf_tensors(cfg):
+        value = hf.get_leaf(params, t.path)
+        if not _is_projection(t):  # as hf.hf_state writes it
             if isinstance(value, NF4Tensor):
                 raise ValueError(f"{t.name}: NF4 outside the blocks; transformers keeps it float")
             state[t.name] = np.ascontiguousarray((value.T if t.transpose else value).astype(dtype))
@@ -343,13 +343,13 @@ def _write_nf4(
     dtype: Any,
 ) -> None:
     state = _nf4_entries(params, cfg, blocksize, double_quant, dtype)
-    hf = {
-        **hf_io.config_to_hf(cfg),
-        "torch_dtype": np.dtype(dtype).name,  # as hf_io.save_model; transformers 5 reads it too
+    config = {
+        **hf.config_to_hf(cfg),
+        "torch_dtype": np.dtype(dtype).name,  # as hf.save_model; transformers 5 reads it too
         "quantization_config": quantization_config(double_quant, compute_dtype),
     }
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    hf_io.write_json(tmp / "config.json", hf)
+    files.write_json(tmp / "config.json", config)
 
 
 def save_nf4_model(
@@ -368,7 +368,7 @@ def save_nf4_model(
 
     Every projection kernel inside the blocks is quantized with ``nf4.quantize_kernel`` (one
     that is already an NF4Tensor is written as it is); embeddings, norms, biases and lm_head
-    are written in ``dtype`` as ``hf_io.hf_state`` writes them. Atomic (``hf_io.atomic_dir``).
+    are written in ``dtype`` as ``hf.hf_state`` writes them. Atomic (``files.atomic_dir``).
 
     Args:
       params: the base model's param tree (no LoRA adapters).
@@ -387,10 +387,10 @@ def save_nf4_model(
       ValueError: a bad setting, a LoRA adapter, an NF4 kernel that disagrees with the
         settings, or a kernel that cannot be quantized (NaN / Inf); nothing is written.
     """
-    with hf_io.atomic_dir(out_dir, overwrite) as tmp:
+    with files.atomic_dir(out_dir, overwrite) as tmp:
         _write_nf4(tmp, params, cfg, blocksize, double_quant, compute_dtype, dtype)
         if tokenizer_from is not None:
-            hf_io.copy_tokenizer(Path(tokenizer_from), tmp)
+            hf.copy_tokenizer(Path(tokenizer_from), tmp)
     return Path(out_dir)
 
 
@@ -413,7 +413,7 @@ def quantize_model(
 ) -> Path:
     """Quantize the float checkpoint ``model_dir`` to NF4 into ``out_dir`` (tokenizer copied).
 
-    Kernels are quantized as they are read (``hf_io.load_model``), so the float model is never
+    Kernels are quantized as they are read (``hf.load_model``), so the float model is never
     held whole. The result equals what ``from_pretrained(model_dir, quantization_config=
     BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", ...))`` followed by
     ``save_pretrained`` writes, up to bnb's float32 mean in the double-quant offset.
@@ -424,11 +424,11 @@ def quantize_model(
       Others: see ``save_nf4_model``.
     Raises:
       FileExistsError before any reading if ``out_dir`` exists and not ``overwrite``;
-      CheckpointError for an unreadable source (see ``hf_io.load_model``).
+      CheckpointError for an unreadable source (see ``hf.load_model``).
     """
     src = Path(model_dir)
-    with hf_io.atomic_dir(out_dir, overwrite) as tmp:
-        cfg, params = hf_io.load_model(
+    with files.atomic_dir(out_dir, overwrite) as tmp:
+        cfg, params = hf.load_model(
             src,
             dtype=np.float32,  # exact for float16 / bfloat16 sources, written back in ``dtype``
             quantize=lambda path: path[0] == "layers",  # block projections; lm_head stays
@@ -437,7 +437,7 @@ def quantize_model(
         )
         out_dtype = _source_dtype(src) if dtype is None else dtype
         _write_nf4(tmp, params, cfg, blocksize, double_quant, compute_dtype, out_dtype)
-        hf_io.copy_tokenizer(src, tmp)
+        hf.copy_tokenizer(src, tmp)
     return Path(out_dir)
 
 
@@ -455,7 +455,7 @@ def _plan(
     """
     owner: dict[str, tuple[HFTensor, str]] = {}
     nf4_parts: dict[str, set[str]] = {}
-    for t in hf_io.hf_tensors(cfg):
+    for t in hf.hf_tensors(cfg):
         owner[t.name] = (t, "weight")
         if not _is_projection(t):
             continue
@@ -475,7 +475,7 @@ def _plan(
         nf4_parts[t.name] = present
         for part in present - {"weight"}:
             owner[t.name + PARTS[part]] = (t, part)
-    extra = sorted(n for n in files if n not in owner and not n.endswith(hf_io.IGNORED_SUFFIXES))
+    extra = sorted(n for n in files if n not in owner and not n.endswith(hf.IGNORED_SUFFIXES))
     if extra:
         raise CheckpointError(f"{model_dir}: unexpected tensors {extra[:5]} for this config")
     missing = sorted(n for n in owner if n not in files)
@@ -485,10 +485,10 @@ def _plan(
 
 
 def _float_value(t: HFTensor, file: Path, array: np.ndarray, dtype: Any) -> np.ndarray:
-    """A non-quantized tensor checked and placed as ``hf_io.load_model`` does."""
+    """A non-quantized tensor checked and placed as ``hf.load_model`` does."""
     if tuple(array.shape) != t.shape:
         raise _fail(file, t.name, f"has shape {list(array.shape)}, expected {list(t.shape)}")
-    if array.dtype.name not in hf_io.FLOAT_DTYPES:
+    if array.dtype.name not in hf.FLOAT_DTYPES:
         hint = " (a quantized weight without its quant_state?)" if array.dtype == np.uint8 else ""
         raise _fail(file, t.name, f"has dtype {array.dtype}, expected a float{hint}")
     return np.ascontiguousarray(array.T if t.transpose else array, dtype=dtype)
@@ -498,11 +498,11 @@ def _iter_values(
     cfg: ModelConfig, model_dir: Path, dtype: Any
 ) -> Iterator[tuple[tuple[Any, ...], Any]]:
     """``(param path, value)`` of each entry, NF4 weights once all their parts are read."""
-    files = hf_io.weight_files(model_dir)
+    files = hf.weight_files(model_dir)
     owner, nf4_parts = _plan(cfg, files, model_dir)
     pending: dict[str, dict[str, tuple[Path, np.ndarray]]] = {}
     wanted = {n: f for n, f in files.items() if n in owner}
-    for name, array in hf_io.iter_tensors(wanted):
+    for name, array in hf.iter_tensors(wanted):
         t, part = owner[name]
         if t.name not in nf4_parts:
             yield t.path, _float_value(t, files[name], array, dtype)
@@ -520,7 +520,7 @@ def load_nf4_model(
 
     Quantized projections become ``NF4Tensor`` kernels (``[out, in]`` order, bnb's bytes as
     stored); projections a checkpoint left float, and all other tensors, are read as
-    ``hf_io.load_model`` reads them, in ``dtype``.
+    ``hf.load_model`` reads them, in ``dtype``.
 
     Args:
       model_dir: a directory with config.json (with a bnb 4-bit quantization_config) and
@@ -534,13 +534,13 @@ def load_nf4_model(
         mis-typed tensor, a quant state that does not parse or disagrees with its tensors.
     """
     model_dir = Path(model_dir)
-    cfg = hf_io.load_config(model_dir)
+    cfg = hf.load_config(model_dir)
     qc = _quant_config_of(model_dir)
     where = model_dir / "config.json"
     if qc is None:
         raise CheckpointError(
             f"{where}: no bitsandbytes 4-bit quantization_config (a float checkpoint? read it "
-            "with hf_io.load_model)"
+            "with hf.load_model)"
         )
     if qc.get("bnb_4bit_quant_type", QUANT_TYPE) != QUANT_TYPE:
         raise CheckpointError(
@@ -554,5 +554,5 @@ def load_nf4_model(
         )
     params: Params = {}
     for path, value in _iter_values(cfg, model_dir, dtype):
-        hf_io.set_leaf(params, path, value)
+        hf.set_leaf(params, path, value)
     return cfg, params

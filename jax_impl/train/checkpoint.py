@@ -1,5 +1,5 @@
 """Checkpoints into and out of the engine. The file formats belong to the spec
-(``ref_numpy.hf_io``, ``peft_io``, ``bnb_io``); this module only moves their param trees
+(``ref_numpy.formats``: ``hf``, ``peft``, ``bnb``); this module only moves their param trees
 onto devices (``model.from_spec``) and back (``model.to_spec``)."""
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ref_numpy import bnb_io, hf_io, peft_io
 from ref_numpy.config import LoraConfig, ModelConfig
+from ref_numpy.formats import bnb, files, hf, peft
 from ref_numpy.lora import add_lora, join_lora, split_lora
 from ref_numpy.nf4 import NF4Tensor
 
-from .model import EngineConfig, Model, from_spec, to_spec
+from ..model import EngineConfig, Model, from_spec, to_spec
 
 
 def load_pretrained(
@@ -40,8 +40,8 @@ def load_pretrained(
     get zero adapter slots (see ``model.lora_targets``).
     """
     eng = EngineConfig() if eng is None else eng
-    if bnb_io.is_nf4_checkpoint(model_dir):
-        cfg, params = bnb_io.load_nf4_model(model_dir)
+    if bnb.is_nf4_checkpoint(model_dir):
+        cfg, params = bnb.load_nf4_model(model_dir)
         first = params["layers"][0]["mlp"]
         kernel = next(iter(first.values()))["kernel"]
         assert isinstance(kernel, NF4Tensor)
@@ -49,14 +49,14 @@ def load_pretrained(
             eng, quantize=True, nf4_blocksize=kernel.blocksize, double_quant=kernel.double_quant
         )
     else:
-        cfg, params = hf_io.load_model(
+        cfg, params = hf.load_model(
             model_dir,
             quantize=(lambda path: True) if eng.quantize else None,
             blocksize=eng.nf4_blocksize,
             double_quant=eng.double_quant,
         )
     if adapter_dir is not None:
-        lora, adapters = peft_io.load_adapter(adapter_dir, cfg)
+        lora, adapters = peft.load_adapter(adapter_dir, cfg)
         params = join_lora(params, adapters)
     elif lora is not None:
         params = add_lora(params, cfg, lora)
@@ -79,7 +79,7 @@ def save_adapter(
     _, adapters = split_lora(params)
     if not adapters:
         raise ValueError("model: has no LoRA adapters to save")
-    return peft_io.save_adapter(
+    return peft.save_adapter(
         params,
         model.cfg,
         model.lora,
@@ -102,10 +102,10 @@ def save_train_state(
 ) -> None:
     """Write trainable params, optimizer state and ``meta`` (step, data position, seeds) to
     ``path`` (a directory), atomically: a reader sees the old state or the new, never half."""
-    with hf_io.atomic_dir(path, overwrite=True) as tmp:
+    with files.atomic_dir(path, overwrite=True) as tmp:
         save_file(_flat(params), str(tmp / "params.safetensors"))
         save_file(_flat(opt_state), str(tmp / "opt_state.safetensors"))
-        hf_io.write_json(tmp / "state.json", meta)
+        files.write_json(tmp / "state.json", meta)
 
 
 def load_train_state(

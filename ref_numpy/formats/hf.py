@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +36,9 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from .config import ROPE_FIELDS, ModelConfig, RopeScaling
-from .model import attn_shapes, has_bias, mlp_shapes
-from .nf4 import NF4Tensor, quantize_kernel
+from ..config import ROPE_FIELDS, ModelConfig, RopeScaling, attn_shapes, has_bias, mlp_shapes
+from ..nf4 import NF4Tensor, quantize_kernel
+from .files import atomic_dir, write_json
 
 Params = dict[str, Any]
 CLASSIC_MODEL_TYPE = "qlora-spec"
@@ -566,37 +565,6 @@ def load_model(
 
 
 # --- writing --------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
-    """A temporary directory beside ``out_dir`` that becomes ``out_dir`` on success.
-
-    Raises FileExistsError if ``out_dir`` exists and ``overwrite`` is off. On an exception
-    the temporary directory is removed and ``out_dir`` is untouched.
-    """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: exists (pass overwrite / --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def get_leaf(params: Params, path: tuple[Any, ...]) -> Any:

@@ -2,7 +2,7 @@
 
 The shipped base model (``assets/base``, made by ``qlora-spec pretrain``) has read a small
 world's diaries, letters and logs, in which dates appear in words and as ISO dates but never
-both at once. The task (``assets/task``, made by ``jax_impl.corpus``) asks for the date of
+both at once. The task (``assets/task``, made by ``jax_impl.apps.corpus``) asks for the date of
 a sentence as YYYY-MM-DD. The demo scores, on the held-out split, by exact match:
 
 1. the base with the bare question (zero-shot) and with solved examples before it (few-shot);
@@ -25,15 +25,15 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ref_numpy import hf_io
+from ref_numpy.formats import files, hf
 
+from ..generate import generate_many
+from ..model import EngineConfig, Model, trainable_params
+from ..train.checkpoint import load_pretrained
+from ..train.data import load_tokenizer, read_jsonl
 from . import corpus
-from .checkpoint import load_pretrained
-from .data import load_tokenizer, read_jsonl
-from .generate import generate_many
-from .model import EngineConfig, Model, trainable_params
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 BASE = ASSETS / "base"
 TASK_TRAIN = ASSETS / "task" / "train.jsonl"
 TASK_HELDOUT = ASSETS / "task" / "heldout.jsonl"
@@ -131,7 +131,7 @@ def score(
 
 def finetune(method: str, dc: DemoConfig, out: Path) -> float:
     """Train an adapter into ``out``; returns the wall-clock seconds (compiles included)."""
-    from .train import TrainConfig, run
+    from ..train.trainer import TrainConfig, run
 
     tc = TrainConfig(
         model=str(BASE),
@@ -156,7 +156,7 @@ def run_demo(dc: DemoConfig, log: Any = print) -> list[Result]:
     targets = [e["completion"] for e in held]
     results: list[Result] = []
 
-    with hf_io.atomic_dir(out, dc.overwrite) as tmp:
+    with files.atomic_dir(out, dc.overwrite) as tmp:
         _, base = load_pretrained(BASE, None, EngineConfig())
         for method, prompts in (
             ("zero-shot prompt", [e["prompt"] for e in held]),
@@ -210,7 +210,7 @@ def write_report(
     out: Path, results: list[Result], held: list[dict[str, str]], dc: DemoConfig
 ) -> None:
     """``report.md``, ``results.json`` and ``loss.png`` (LoRA and QLoRA train loss)."""
-    from .train import plot_losses
+    from ..train.trainer import plot_losses
 
     plot_losses(
         {"LoRA": out / "lora" / "metrics.jsonl", "QLoRA": out / "qlora" / "metrics.jsonl"},
@@ -227,7 +227,7 @@ def write_report(
         "",
         f"Task: write the date of a sentence as YYYY-MM-DD; {len(held)} held-out sentences, "
         "greedy decoding, exact match.",
-        f"Base model: `jax_impl/assets/base` ({hf_io.n_params(hf_io.load_config(BASE)):,} "
+        f"Base model: `jax_impl/assets/base` ({hf.n_params(hf.load_config(BASE)):,} "
         "parameters, pretrained from scratch by `qlora-spec pretrain`).",
         f"Fine-tuning: {dc.steps} steps of batch {RECIPE['batch_size']}, rank {RECIPE['rank']} "
         "on all seven projections of every layer.",
@@ -251,7 +251,7 @@ def write_report(
         "",
     ]
     (out / "report.md").write_text("\n".join(report))
-    hf_io.write_json(
+    files.write_json(
         out / "results.json",
         {
             "config": dataclasses.asdict(dc),

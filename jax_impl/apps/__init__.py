@@ -1,0 +1,2 @@
+"""The jobs a user runs, thin over ``jax_impl.train`` and ``jax_impl.generate``: ``cli`` (the
+``qlora-spec`` command), ``evaluate``, ``pretrain``, ``corpus`` and ``demo``."""
