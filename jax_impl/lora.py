@@ -40,7 +40,8 @@ class Dense(nnx.Module):
       bias: whether there is a bias ``[O]``.
       base: variable type of the base weights (``nnx.Param`` or ``Frozen``).
       lora: adapter config, or None for no adapter.
-      quantized: hold the kernel as NF4 (QLoRA); it is dequantized inside the computation.
+      quantized: hold the kernel as NF4 (QLoRA); it is dequantized inside the computation,
+        forward and backward (``nf4_linear``), and no float copy outlives one projection.
       blocksize, double_quant: NF4 settings.
       param_dtype: storage dtype of float weights and adapters.
       dtype: compute dtype.
@@ -56,8 +57,8 @@ class Dense(nnx.Module):
         base: type[nnx.Variable],
         lora: LoraConfig | None,
         quantized: bool,
-        blocksize: int = 64,
-        double_quant: bool = True,
+        blocksize: int,
+        double_quant: bool,
         param_dtype: jnp.dtype,
         dtype: jnp.dtype,
         rngs: nnx.Rngs,
@@ -98,7 +99,11 @@ class Dense(nnx.Module):
         """
         x = x.astype(self.dtype)
         bias = self.bias[...].astype(self.dtype) if hasattr(self, "bias") else None
-        y = linear(x, self.weight(), bias)  # [...,I] -> [...,O]
+        if isinstance(self.kernel, NF4Kernel):  # 4-bit through the backward pass too
+            y = self.kernel(x)  # [...,I] -> [...,O]
+            y = y if bias is None else y + bias  # [...,O]
+        else:
+            y = linear(x, self.weight(), bias)  # [...,I] -> [...,O]
         if not hasattr(self, "lora_A"):
             return y
         a = self.lora_A[...].astype(self.dtype)  # [I,R]

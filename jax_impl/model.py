@@ -300,6 +300,8 @@ class Model(nnx.Module):
                 base=base,
                 lora=None,
                 quantized=False,
+                blocksize=eng.nf4_blocksize,
+                double_quant=eng.double_quant,
                 param_dtype=eng.param_dtype,
                 dtype=eng.dtype,
                 rngs=rngs,
