@@ -12,6 +12,8 @@ thousand features loses most of its bits. Variables carry logical axis names
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -140,20 +142,63 @@ def softmax(x: Array, mask: Array | None = None) -> Array:
     return p.astype(x.dtype)
 
 
+def _loss_sum(logits: Array, targets: Array) -> tuple[Array, Array]:
+    """``(sum of token cross-entropies over targets != -100, their count)``, in ``acc_dtype``.
+    logits [..., V], targets int [...]."""
+    lf = logits.astype(acc_dtype(logits.dtype))  # [B,T,V]
+    valid = targets != IGNORE_INDEX  # [B,T]
+    safe = jnp.where(valid, targets, 0)  # [B,T]
+    lse = jax.nn.logsumexp(lf, axis=-1)  # [B,T,V] -> [B,T]
+    picked = jnp.take_along_axis(lf, safe[..., None], axis=-1)[..., 0]  # [B,T]
+    return jnp.where(valid, lse - picked, 0.0).sum(), valid.sum()  # [B,T] -> [], []
+
+
 def cross_entropy(logits: Array, targets: Array) -> tuple[Array, Array]:
     """Mean token cross-entropy over targets != -100, and the count of those targets.
 
     Args: logits [B, T, V]; targets int [B, T]. Returns (scalar loss in ``acc_dtype``, int
     count). The loss is 0 when nothing counts.
     """
-    lf = logits.astype(acc_dtype(logits.dtype))  # [B,T,V]
-    valid = targets != IGNORE_INDEX  # [B,T]
-    safe = jnp.where(valid, targets, 0)  # [B,T]
-    lse = jax.nn.logsumexp(lf, axis=-1)  # [B,T,V] -> [B,T]
-    picked = jnp.take_along_axis(lf, safe[..., None], axis=-1)[..., 0]  # [B,T]
-    count = valid.sum()  # []
-    loss = jnp.where(valid, lse - picked, 0.0).sum() / jnp.maximum(count, 1)  # [B,T] -> []
-    return loss, count
+    total, count = _loss_sum(logits, targets)  # [], []
+    return total / jnp.maximum(count, 1), count
+
+
+def chunked_cross_entropy(
+    x: Array, head: Callable[[Array], Array], targets: Array, chunk: int
+) -> tuple[Array, Array]:
+    """``cross_entropy(head(x), targets)`` with the logits made ``chunk`` positions at a time.
+
+    With a 128k-152k vocabulary (Llama-3, Qwen) the float32 ``[B, T, V]`` logits are the
+    largest tensor of a step. Here at most ``[B, chunk, V]`` exist at once, in the forward
+    and the backward pass: each chunk's logits are recomputed for its gradient
+    (``jax.checkpoint``) instead of being kept. Loss and gradients equal the unchunked ones up
+    to summation order.
+
+    Args:
+      x: [B, T, D] final hidden states.
+      head: the final norm and LM head, [B, C, D] -> [B, C, V].
+      targets: int [B, T], -100 where nothing counts.
+      chunk: C, positions per chunk (the last chunk is padded with ignored targets).
+    Returns:
+      (scalar mean loss in ``acc_dtype``, int count), as ``cross_entropy``.
+    """
+    b, t, d = x.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    xs = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d)  # [B,nC,D] -> [B,n,C,D]
+    ts = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX).reshape(b, n, chunk)
+
+    @jax.checkpoint
+    def piece(xc: Array, tc: Array) -> tuple[Array, Array]:
+        return _loss_sum(head(xc), tc)  # [B,C,D] -> [B,C,V] -> [], []
+
+    def body(carry: tuple[Array, Array], xt: tuple[Array, Array]) -> tuple[Any, None]:
+        total, count = piece(*xt)
+        return (carry[0] + total, carry[1] + count.astype(carry[1].dtype)), None
+
+    init = (jnp.zeros((), acc_dtype(x.dtype)), jnp.zeros((), jnp.int32))
+    (total, count), _ = jax.lax.scan(body, init, (xs.swapaxes(0, 1), ts.swapaxes(0, 1)))
+    return total / jnp.maximum(count, 1), count
 
 
 # --- modules --------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""QLoRA stays 4-bit through the backward pass, under every rematerialisation policy.
+"""Memory: QLoRA stays 4-bit through the backward pass, under every rematerialisation policy,
+and the loss over a large vocabulary never holds the whole logits.
 
 Two measurements, neither a timing:
 
@@ -25,9 +26,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jax_impl.layers import chunked_cross_entropy, cross_entropy, rms_norm
 from jax_impl.model import EngineConfig, Model, causal_lm_loss
 from jax_impl.nf4 import NF4Kernel, dequantize_kernel
 from ref_numpy.config import LoraConfig, attn_shapes, llama_config, mlp_shapes
+from tests.helpers import rel_err
 
 CFG = llama_config(
     vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=352, max_seq_len=64
@@ -116,3 +119,59 @@ def test_qlora_step_needs_less_memory_than_lora(remat: str) -> None:
     )
     extra = qlora.temp_size_in_bytes - lora.temp_size_in_bytes
     assert extra < 2 * layer_kernels, (extra, layer_kernels)
+
+
+def _head_case(v: int, t: int, d: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, t, d)))
+    w = jnp.asarray(rng.normal(size=(d, v)) / d**0.5)
+    targets = rng.integers(0, v, size=(2, t))
+    targets[0, :3] = -100  # a prompt
+    targets[1, -2:] = -100  # padding
+    return x, w, jnp.asarray(targets)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 11, 64])
+def test_chunked_loss_equals_the_whole_one(chunk: int) -> None:
+    """Loss, count and gradients (hidden states and head) equal ``cross_entropy`` on the whole
+    logits, in float64, for chunks that do and do not divide T = 11."""
+    with jax.enable_x64(True):
+        x, w, targets = _head_case(37, 11, 10)
+
+        def head(h: jax.Array, w: jax.Array) -> jax.Array:
+            return rms_norm(h, jnp.ones(h.shape[-1]), 1e-6) @ w  # [B,C,D] -> [B,C,V]
+
+        def whole(x: jax.Array, w: jax.Array) -> jax.Array:
+            return cross_entropy(head(x, w), targets)[0]
+
+        def chunked(x: jax.Array, w: jax.Array) -> jax.Array:
+            return chunked_cross_entropy(x, lambda h: head(h, w), targets, chunk)[0]
+
+        want, got = jax.value_and_grad(whole, (0, 1)), jax.value_and_grad(chunked, (0, 1))
+        (lw, gw), (lc, gc) = want(x, w), jax.jit(got)(x, w)
+        assert abs(float(lc) - float(lw)) <= 1e-12 * abs(float(lw))
+        for a, b in zip(gc, gw, strict=True):
+            assert rel_err(np.asarray(a), np.asarray(b)) <= 1e-10
+        count = chunked_cross_entropy(x, lambda h: head(h, w), targets, chunk)[1]
+        assert int(count) == int((np.asarray(targets) != -100).sum())
+        bad = targets.at[1, 0].set((targets[1, 0] + 1) % 37)
+        moved = chunked_cross_entropy(x, lambda h: head(h, w), bad, chunk)[0]
+        assert abs(float(moved) - float(lw)) > 1e-6  # the check sees a changed target
+
+
+def test_chunked_loss_never_holds_the_whole_logits() -> None:
+    """XLA's temporaries for the gradient: a fraction of the whole [B, T, V] float32 logits."""
+    x, w, targets = _head_case(8192, 256, 32)
+    x, w = x.astype(jnp.float32), w.astype(jnp.float32)
+    whole_logits = 4 * 2 * 256 * 8192
+
+    def temp(f: Any) -> int:
+        m = jax.jit(jax.grad(f, (0, 1))).lower(x, w).compile().memory_analysis()
+        if m is None:
+            pytest.skip(f"{jax.default_backend()}: no compiled memory analysis")
+        return int(m.temp_size_in_bytes)
+
+    whole = temp(lambda x, w: cross_entropy(x @ w, targets)[0])
+    chunked = temp(lambda x, w: chunked_cross_entropy(x, lambda h: h @ w, targets, 32)[0])
+    assert whole >= whole_logits, (whole, whole_logits)
+    assert chunked < whole_logits / 2, (chunked, whole_logits)
