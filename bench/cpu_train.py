@@ -29,7 +29,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,7 +38,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # this checkout
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from bench.common import TARGETS, engine_config, peer_model  # noqa: E402
+
 SHAPES: dict[str, dict[str, Any]] = {
     "default": dict(V=8192, D=512, F=1376, L=4, N=8, K=4, H=64, tied=False, B=8, T=256),
     "smollm2-135m": dict(V=49152, D=576, F=1536, L=30, N=9, K=3, H=64, tied=True, B=4, T=128),
@@ -64,18 +64,9 @@ def engine_side(s: dict[str, Any], method: str, ids: np.ndarray, warmup: int, st
 
     from jax_impl.model import EngineConfig, Model
     from jax_impl.train.trainer import OptimConfig, Trainer
-    from ref_numpy.config import LoraConfig, llama_config
+    from ref_numpy.config import LoraConfig
 
-    cfg = llama_config(
-        vocab_size=s["V"],
-        d_model=s["D"],
-        n_layers=s["L"],
-        n_heads=s["N"],
-        n_kv_heads=s["K"],
-        d_ff=s["F"],
-        max_seq_len=s["T"],
-        tie_embeddings=s["tied"],
-    )
+    cfg = engine_config(s)
     lora = LoraConfig(rank=16, alpha=32.0, targets=TARGETS)
     model = Model(cfg, lora, EngineConfig(quantize=method == "qlora"), rngs=nnx.Rngs(0))
     trainer = Trainer.create(model, OptimConfig(lr=1e-4, total_steps=10_000, max_grad_norm=None))
@@ -88,33 +79,8 @@ def engine_side(s: dict[str, Any], method: str, ids: np.ndarray, warmup: int, st
 def peer_side(s: dict[str, Any], method: str, ids: np.ndarray, warmup: int, steps: int) -> dict:
     import peft
     import torch
-    import transformers
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=s["V"],
-        hidden_size=s["D"],
-        intermediate_size=s["F"],
-        num_hidden_layers=s["L"],
-        num_attention_heads=s["N"],
-        num_key_value_heads=s["K"],
-        head_dim=s["H"],
-        max_position_embeddings=s["T"],
-        tie_word_embeddings=s["tied"],
-    )
-    model = transformers.LlamaForCausalLM(cfg)
-    if method == "qlora":
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            qc = transformers.BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.float32,
-            )
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                tmp, quantization_config=qc, device_map="cpu", dtype=torch.float32
-            )
+    model = peer_model(s, method, "cpu", torch.float32)
     lcfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(TARGETS))
     model = peft.get_peft_model(model, lcfg)
     model.train()

@@ -34,14 +34,14 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # this checkout
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from bench.common import TARGETS, engine_config, peer_model  # noqa: E402
+
 RANK, ALPHA = 16, 32.0
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(V=512, D=128, F=352, L=2, N=4, K=2, B=2, T=128, remat=("none",)),
@@ -68,18 +68,9 @@ def engine_side(s: dict[str, Any], method: str, remat: str, warmup: int, steps: 
 
     from jax_impl.model import EngineConfig, Model
     from jax_impl.train.trainer import OptimConfig, Trainer
-    from ref_numpy.config import LoraConfig, llama_config
+    from ref_numpy.config import LoraConfig
 
-    cfg = llama_config(
-        vocab_size=s["V"],
-        d_model=s["D"],
-        n_layers=s["L"],
-        n_heads=s["N"],
-        n_kv_heads=s["K"],
-        d_ff=s["F"],
-        max_seq_len=s["T"],
-        rope_theta=500000.0,
-    )
+    cfg = engine_config(s, rope_theta=500000.0)
     gpu = jax.default_backend() == "gpu"
     eng = EngineConfig(
         param_dtype=jnp.float32,  # adapters (and AdamW's moments) in float32
@@ -111,34 +102,8 @@ def engine_side(s: dict[str, Any], method: str, remat: str, warmup: int, steps: 
 def peer_side(s: dict[str, Any], method: str, remat: str, warmup: int, steps: int) -> dict:
     import peft
     import torch
-    import transformers
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=s["V"],
-        hidden_size=s["D"],
-        intermediate_size=s["F"],
-        num_hidden_layers=s["L"],
-        num_attention_heads=s["N"],
-        num_key_value_heads=s["K"],
-        max_position_embeddings=s["T"],
-        tie_word_embeddings=False,
-    )
-    with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
-    if method == "qlora":
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            del model
-            qc = transformers.BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
-            )
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                tmp, quantization_config=qc, device_map="cuda", dtype=torch.bfloat16
-            )
+    model = peer_model(s, method, "cuda", torch.bfloat16)
     if remat != "none":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
