@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ref_numpy.config import LoraConfig
+from ref_numpy.lora import lora_a_bound
 
 from .layers import linear, variable
 from .nf4 import NF4Kernel, dequantize_kernel
@@ -76,7 +77,7 @@ class Dense(nnx.Module):
         self.scale = 0.0
         self.rate = 0.0
         if lora is not None:
-            bound = 1.0 / d_in**0.5  # kaiming-uniform with a = sqrt(5), as PEFT
+            bound = lora_a_bound(d_in)  # the spec's init range, as PEFT's
             a = jax.random.uniform(rngs.params(), (d_in, lora.rank), param_dtype, -bound, bound)
             b = jnp.zeros((lora.rank, d_out), param_dtype)  # [R,O]
             self.lora_A = variable(nnx.LoRAParam, a, (axes[0], "lora_rank"))  # [I,R]

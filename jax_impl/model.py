@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import field
 from typing import Any, Literal, overload
 
 import jax
@@ -28,9 +29,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ref_numpy.config import LoraConfig, ModelConfig, attn_shapes, has_bias, mlp_names, mlp_shapes
+from ref_numpy.config import (
+    LoraConfig,
+    ModelConfig,
+    check_fields,
+    has_bias,
+    mlp_names,
+    mlp_shapes,
+    projection_names,
+    projection_paths,
+)
 from ref_numpy.lora import LORA_LEAVES, projections, selected_paths, selects
-from ref_numpy.nf4 import NF4Tensor
+from ref_numpy.nf4 import BLOCKSIZES, DEFAULT_BLOCKSIZE, NF4Tensor
 
 from .attention import Attention, AttnImpl, KVCache, attention_mask, layer_windows
 from .layers import (
@@ -57,28 +67,55 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
 }
 
 
+DType = Literal["float32", "bfloat16", "float64"]
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """How the engine runs a model (the spec has no counterpart: it is float64 NumPy)."""
+    """How the engine runs a model (the spec has no counterpart: it is float64 NumPy).
 
-    param_dtype: Any = jnp.float32  # storage of float weights and adapters
-    dtype: Any = jnp.float32  # compute dtype of matmuls and activations
-    attn_impl: AttnImpl = "einsum"  # attention path, see attention.py
-    remat: Remat = "none"  # per-block rematerialisation policy
-    quantize: bool = False  # hold projection kernels as NF4 (QLoRA)
-    nf4_blocksize: int = 64  # NF4 block size
-    double_quant: bool = True  # quantize the NF4 absmax too
+    The dtypes are held by name; a dtype object (``jnp.bfloat16``) is accepted and stored as
+    its name, so the config is plain data (JSON, flags)."""
+
+    param_dtype: DType = field(
+        default="float32",
+        metadata={"help": "dtype of the stored weights, adapters, gradients and AdamW state"},
+    )
+    dtype: DType = field(
+        default="float32",
+        metadata={"help": "compute dtype of matmuls and activations; float64 runs JAX in x64"},
+    )
+    attn_impl: AttnImpl = field(
+        default="einsum",
+        metadata={
+            "help": "attention path: einsum (the spec's), xla (jax.nn.dot_product_attention) "
+            "or cudnn (flash attention on NVIDIA GPUs)"
+        },
+    )
+    remat: Remat = field(
+        default="none",
+        metadata={
+            "help": "rematerialisation per block: none keeps every activation, full "
+            "recomputes the block in the backward pass, dots keeps the projections' outputs"
+        },
+    )
+    quantize: bool = field(
+        default=False,
+        metadata={"help": "hold projection kernels as NF4 (QLoRA)", "set_by": "--method qlora"},
+    )
+    nf4_blocksize: int = field(
+        default=DEFAULT_BLOCKSIZE,
+        metadata={"help": "NF4 weights per absmax block", "choices": BLOCKSIZES},
+    )
+    double_quant: bool = field(
+        default=True, metadata={"help": "quantize the NF4 absmax too (8-bit, blocks of 256)"}
+    )
 
     def __post_init__(self) -> None:
-        for name, choices in (
-            ("attn_impl", ("einsum", "xla", "cudnn")),
-            ("remat", ("none", "full", "dots")),
-        ):
-            if getattr(self, name) not in choices:
-                raise ValueError(
-                    f"EngineConfig.{name}: expected one of {list(choices)}, "
-                    f"got {getattr(self, name)!r}"
-                )
+        for name in ("param_dtype", "dtype"):  # jnp.bfloat16 -> "bfloat16"
+            if not isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, jnp.dtype(getattr(self, name)).name)
+        check_fields(self)
 
 
 def lora_targets(
@@ -95,9 +132,8 @@ def lora_targets(
     """
     if lora is None:
         return {}
-    names = [("attn", n) for n in attn_shapes(cfg)] + [("mlp", n) for n in mlp_shapes(cfg)]
-    paths = [f"layers.{i}.{g}.{n}" for i in range(cfg.n_layers) for g, n in names]
-    chosen = set(selected_paths(paths, cfg, lora))
+    names = projection_names(cfg)
+    chosen = set(selected_paths(projection_paths(cfg), cfg, lora))
     per_layer = {
         (g, n): tuple(f"layers.{i}.{g}.{n}" in chosen for i in range(cfg.n_layers))
         for g, n in names
@@ -165,20 +201,22 @@ class Block(nnx.Module):
                 quantized=eng.quantize,
                 blocksize=eng.nf4_blocksize,
                 double_quant=eng.double_quant,
-                param_dtype=eng.param_dtype,
-                dtype=eng.dtype,
+                param_dtype=jnp.dtype(eng.param_dtype),
+                dtype=jnp.dtype(eng.dtype),
                 rngs=rngs,
             )
 
         self.pre = cfg.norm_order == "pre"
-        self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, base, eng.param_dtype)
+        self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, base, jnp.dtype(eng.param_dtype))
         self.attn = Attention(
             cfg,
             make,
             impl=eng.attn_impl,
-            make_norm=lambda d: Norm(d, "rmsnorm", cfg.norm_eps, base, eng.param_dtype, "head_dim"),
+            make_norm=lambda d: Norm(
+                d, "rmsnorm", cfg.norm_eps, base, jnp.dtype(eng.param_dtype), "head_dim"
+            ),
         )
-        self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, base, eng.param_dtype)
+        self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, base, jnp.dtype(eng.param_dtype))
         self.mlp = MLP(cfg, make)
 
     def __call__(
@@ -290,7 +328,9 @@ class Model(nnx.Module):
                 if axes is not None and len(axes) < var.get_value().ndim:
                     var.set_metadata(out_sharding=("layers", *axes))
         if cfg.norm_order == "pre":
-            self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, base, eng.param_dtype)
+            self.final_norm = Norm(
+                cfg.d_model, cfg.norm, cfg.norm_eps, base, jnp.dtype(eng.param_dtype)
+            )
         if not cfg.tie_embeddings:
             self.lm_head = Dense(
                 cfg.d_model,
@@ -302,8 +342,8 @@ class Model(nnx.Module):
                 quantized=False,
                 blocksize=eng.nf4_blocksize,
                 double_quant=eng.double_quant,
-                param_dtype=eng.param_dtype,
-                dtype=eng.dtype,
+                param_dtype=jnp.dtype(eng.param_dtype),
+                dtype=jnp.dtype(eng.dtype),
                 rngs=rngs,
             )
 
@@ -454,7 +494,10 @@ class Model(nnx.Module):
         else:
             head = self.lm_head.weight()  # [D,V]
         return jnp.einsum(
-            "BTD,DV->BTV", x, head.astype(eng.dtype), preferred_element_type=acc_dtype(eng.dtype)
+            "BTD,DV->BTV",
+            x,
+            head.astype(jnp.dtype(eng.dtype)),
+            preferred_element_type=acc_dtype(jnp.dtype(eng.dtype)),
         )  # [B,T,D] -> [B,T,V]
 
 

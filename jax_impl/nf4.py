@@ -37,6 +37,7 @@ from flax import nnx
 
 from ref_numpy import nf4 as spec
 from ref_numpy.nf4 import (
+    DEFAULT_BLOCKSIZE,
     DYNAMIC_MAP,
     NESTED_BLOCKSIZE,
     NF4_CODE,
@@ -207,7 +208,9 @@ def mean_f64_rounded(x: Array) -> Array:
     return q + r / np.float32(n)
 
 
-def quantize_nf4(w: Array, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+def quantize_nf4(
+    w: Array, blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = True
+) -> NF4Tensor:
     """Quantize ``w`` to NF4 in blocks of ``blocksize``, optionally double-quantizing the absmax.
 
     Args:
@@ -276,7 +279,9 @@ def dequantize_nf4(q: NF4Tensor) -> Array:
     return out.reshape(q.shape)  # [n] -> [*shape]
 
 
-def quantize_kernel(kernel: Array, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+def quantize_kernel(
+    kernel: Array, blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = True
+) -> NF4Tensor:
     """Quantize a ``[in, out]`` kernel as bnb quantizes the PyTorch weight ``W = kernel.T``.
 
     bnb's blocks run over the ``[out, in]`` row-major order, so the result holds W^T: its shape
@@ -368,7 +373,7 @@ class NF4Kernel(nnx.Module):
 
     @classmethod
     def from_kernel(
-        cls, kernel: Array, blocksize: int = 64, double_quant: bool = True
+        cls, kernel: Array, blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = True
     ) -> NF4Kernel:
         """Quantize a ``[in, out]`` kernel (``quantize_kernel``)."""
         return cls(quantize_kernel(kernel, blocksize, double_quant))

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Family = Literal["classic", "gpt2", "llama"]
@@ -68,7 +69,7 @@ ROPE_FIELDS: dict[str, frozenset[str]] = {
 }
 
 
-def _check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> None:
+def _check_choice(owner: str, name: str, value: object, choices: tuple[Any, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{owner}.{name}: expected one of {list(choices)}, got {value!r}")
 
@@ -242,6 +243,9 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+ALL_LINEAR = "all-linear"  # PEFT's target for every linear layer but the output head
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     """A LoRA adapter on selected linear layers, with PEFT semantics.
@@ -250,16 +254,43 @@ class LoraConfig:
     ``scale = alpha / R`` (``alpha / sqrt(R)`` with rsLoRA).
 
     A projection is adapted when a target names or matches it and, if ``layers_to_transform``
-    is set, its layer is listed there (PEFT's ``layers_to_transform``).
+    is set, its layer is listed there. The fields are PEFT's ``LoraConfig`` keys under short
+    names (``adapter_config.json`` keeps PEFT's): ``rank`` is ``r``, ``alpha`` is
+    ``lora_alpha``, ``dropout`` is ``lora_dropout``, ``targets`` is ``target_modules``.
     """
 
-    rank: int = 8  # R
-    alpha: float = 16.0  # scaling numerator
-    dropout: float = 0.0  # probability of zeroing an adapter input element while training
-    targets: tuple[str, ...] = ("q_proj", "v_proj")  # module names, as in the checkpoint
-    use_rslora: bool = False  # scale by alpha / sqrt(R) instead of alpha / R
-    seed: int = 0  # seed of the kaiming-uniform initialisation of A
-    layers_to_transform: tuple[int, ...] | None = None  # adapt only these layers; None: all
+    rank: int = field(default=8, metadata={"help": "LoRA rank R (PEFT's r)"})
+    alpha: float = field(
+        default=16.0, metadata={"help": "adapters are scaled by alpha / R (PEFT's lora_alpha)"}
+    )
+    dropout: float = field(
+        default=0.0,
+        metadata={"help": "dropout probability on the adapter input (PEFT's lora_dropout)"},
+    )
+    targets: tuple[str, ...] = field(
+        default=(ALL_LINEAR,),
+        metadata={
+            "help": "projections that get an adapter (PEFT's target_modules): module names as "
+            "the checkpoint spells them (q_proj v_proj, or q_proj,v_proj), regular expressions "
+            f"over the path (layers\\.0\\.attn\\..*), or {ALL_LINEAR}: every projection of "
+            "every block"
+        },
+    )
+    use_rslora: bool = field(
+        default=False, metadata={"help": "scale adapters by alpha / sqrt(R) (rsLoRA)"}
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "seed of the kaiming-uniform initialisation of A", "flag": "--lora-seed"},
+    )
+    layers_to_transform: tuple[int, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "adapt only these blocks (0-based, e.g. 0,2), as PEFT's layers_to_transform",
+            "default_text": "every block",
+            "metavar": "I",
+        },
+    )
 
     def __post_init__(self) -> None:
         _check_positive("LoraConfig", "rank", self.rank)
@@ -267,9 +298,15 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.alpha: expected a positive number, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout: expected 0 <= p < 1, got {self.dropout!r}")
-        if isinstance(self.targets, str) or not self.targets:
+        bad = [t for t in self.targets if not isinstance(t, str) or not t or "," in t]
+        if isinstance(self.targets, str) or not self.targets or bad:
             raise ValueError(
                 f"LoraConfig.targets: expected a non-empty tuple of names, got {self.targets!r}"
+            )
+        if ALL_LINEAR in self.targets and len(self.targets) > 1:
+            raise ValueError(
+                f"LoraConfig.targets: {ALL_LINEAR} already selects every projection; "
+                f"got {list(self.targets)}"
             )
         layers = self.layers_to_transform
         if layers is not None and (
@@ -332,6 +369,7 @@ def llama_config(**overrides: Any) -> ModelConfig:
 
 
 __all__ = [
+    "ALL_LINEAR",
     "LoraConfig",
     "ModelConfig",
     "RopeScaling",
@@ -376,3 +414,38 @@ def mlp_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 def has_bias(cfg: ModelConfig, name: str) -> bool:
     """Whether projection `name` carries a bias under `cfg.bias`."""
     return cfg.bias == "all" or (cfg.bias == "qkv" and name in ("q_proj", "k_proj", "v_proj"))
+
+
+def projection_names(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """``(group, name)`` of every projection of a block: ``("attn", "q_proj")`` ..."""
+    return [("attn", n) for n in attn_shapes(cfg)] + [("mlp", n) for n in mlp_shapes(cfg)]
+
+
+def projection_paths(cfg: ModelConfig) -> list[str]:
+    """The path of every projection of the model (``layers.3.attn.q_proj``), the names LoRA
+    targets match."""
+    names = projection_names(cfg)
+    return [f"layers.{i}.{g}.{n}" for i in range(cfg.n_layers) for g, n in names]
+
+
+# --- validation of config fields by their annotation ---------------------------------------
+
+
+def field_choices(cls: Any) -> dict[str, tuple[Any, ...]]:
+    """``{field: allowed values}`` of the dataclass ``cls``: a ``Literal`` annotation's values,
+    or ``metadata["choices"]``."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if "choices" in f.metadata:
+            out[f.name] = tuple(f.metadata["choices"])
+        elif typing.get_origin(hints[f.name]) is Literal:
+            out[f.name] = typing.get_args(hints[f.name])
+    return out
+
+
+def check_fields(obj: Any) -> None:
+    """Refuse a value of a field with choices (``field_choices``) that is not one of them,
+    naming the config class, the field and the value."""
+    for name, allowed in field_choices(type(obj)).items():
+        _check_choice(type(obj).__name__, name, getattr(obj, name), allowed)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import LoraConfig, ModelConfig
+from .config import ALL_LINEAR, LoraConfig, ModelConfig
 from .layers import Cache, check_shape, linear_backward, linear_forward
 from .nf4 import NF4Tensor, dequantize_kernel
 
@@ -112,9 +112,10 @@ def projections(params: Params) -> Iterator[tuple[str, Params]]:
 
 def matches_target(path: str, targets: tuple[str, ...]) -> bool:
     """Whether a projection path (``layers.3.attn.q_proj``) is selected by LoRA targets."""
-    # A target is a module name (``q_proj``) or a regular expression over the whole path.
+    # A target is a module name (``q_proj``), a regular expression over the whole path, or
+    # PEFT's all-linear (every projection; the output head is not one).
     name = path.rsplit(".", 1)[-1]
-    return any(t == name or re.fullmatch(t, path) for t in targets)
+    return any(t in (name, ALL_LINEAR) or re.fullmatch(t, path) for t in targets)
 
 
 def selects(path: str, lora: LoraConfig) -> bool:
@@ -137,7 +138,8 @@ def selected_paths(paths: list[str], cfg: ModelConfig, lora: LoraConfig) -> list
             names = sorted({path.rsplit(".", 1)[-1] for path in paths})
             raise ValueError(
                 f"LoraConfig.targets: {t!r} matches no module of this {cfg.family} model; "
-                f"available: {names}"
+                f"available: {names}, {ALL_LINEAR}, or a regular expression over paths like "
+                f"{paths[0]}"
             )
     layers = lora.layers_to_transform
     if layers is not None and layers[-1] >= cfg.n_layers:
@@ -152,6 +154,12 @@ def selected_paths(paths: list[str], cfg: ModelConfig, lora: LoraConfig) -> list
             f"projections targets={list(lora.targets)} select"
         )
     return out
+
+
+def lora_a_bound(d_in: int) -> float:
+    """The range of ``lora_A``'s uniform init: PEFT's kaiming-uniform with ``a = sqrt(5)`` over
+    fan-in I, ``gain * sqrt(3 / I)`` with ``gain = sqrt(2 / (1 + a^2))``, which is ``1/sqrt(I)``."""
+    return 1.0 / float(np.sqrt(d_in))
 
 
 def add_lora(
@@ -177,7 +185,7 @@ def add_lora(
                 f"LoraConfig.rank: {lora.rank} exceeds min(in, out) = {min(d_in, d_out)} "
                 f"of {path} ([{d_in}, {d_out}])"
             )
-        bound = 1.0 / np.sqrt(d_in)  # kaiming-uniform, a = sqrt(5), fan_in = I
+        bound = lora_a_bound(d_in)
         p["lora_A"] = rng.uniform(-bound, bound, size=(d_in, lora.rank))  # [I,R]
         p["lora_B"] = np.zeros((lora.rank, d_out))  # [R,O]
     return out

@@ -73,6 +73,7 @@ NF4_CODE.flags.writeable = False
 NF4_ZERO_INDEX = 7  # NF4_CODE[7] == 0.0; also the padding nibble after an odd trailing element
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the blocksizes bnb accepts for 4-bit
+DEFAULT_BLOCKSIZE = 64  # bnb's and transformers' 4-bit default
 NESTED_BLOCKSIZE = 256  # double quantization: absmax values per 8-bit block (fixed in bnb)
 
 # Floor on a block's absmax before taking the reciprocal (bnb's PyTorch reference uses the same
@@ -250,7 +251,9 @@ def _check_array(name: str, a: object, dtype: type, shape: tuple[int, ...]) -> N
         raise ValueError(f"NF4Tensor.{name}: expected {np.dtype(dtype)} {shape}, got {got}")
 
 
-def quantize_nf4(w: np.ndarray, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+def quantize_nf4(
+    w: np.ndarray, blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = True
+) -> NF4Tensor:
     """Quantize ``w`` to NF4 in blocks of ``blocksize``, optionally double-quantizing the absmax.
 
     Args:
@@ -321,7 +324,7 @@ def dequantize_nf4(q: NF4Tensor) -> np.ndarray:
 
 
 def quantize_kernel(
-    kernel: np.ndarray, blocksize: int = 64, double_quant: bool = True
+    kernel: np.ndarray, blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = True
 ) -> NF4Tensor:
     """Quantize a ``[in, out]`` kernel as bnb quantizes the PyTorch weight ``W = kernel.T``.
 
@@ -340,7 +343,7 @@ def dequantize_kernel(q: NF4Tensor) -> np.ndarray:
     return np.ascontiguousarray(dequantize_nf4(q).T)  # [out, in] -> [in, out]
 
 
-def nf4_bits_per_param(blocksize: int = 64, double_quant: bool = True) -> float:
+def nf4_bits_per_param(blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = True) -> float:
     """Storage bits per weight: 4 for the index plus the per-block absmax, amortised.
 
     fp32 absmax: ``4 + 32/blocksize`` (4.5 at 64). Double quant: an 8-bit code per block plus an

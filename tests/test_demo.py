@@ -3,14 +3,25 @@ demo`` in which LoRA and QLoRA fine-tuning beat zero- and few-shot prompting of 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from jax_impl.apps.cli import build_parser, main, train_config
-from jax_impl.apps.demo import BASE, RECIPE, TASK_TRAIN, DemoConfig, answer, run_demo, table
-from ref_numpy.config import attn_shapes, mlp_shapes
+from jax_impl.apps.demo import (
+    BASE,
+    RECIPE,
+    TASK_TRAIN,
+    DemoConfig,
+    answer,
+    recipe,
+    run_demo,
+    table,
+)
+from jax_impl.apps.train import leaves
+from ref_numpy.config import LoraConfig, attn_shapes, mlp_shapes
 from ref_numpy.formats import hf as hf_io
 
 # The fast version: fewer steps and held-out examples than the full demo's.
@@ -25,9 +36,12 @@ def test_train_without_model_and_data_is_the_bundled_qlora_recipe() -> None:
         "qlora-spec-train",
         "qlora",
     )
-    assert all(getattr(tc, k) == v for k, v in RECIPE.items())
+    recorded = leaves(dataclasses.asdict(tc))  # every leaf field by its config-file key
+    assert all(recorded[k] == v for k, v in RECIPE.items())
+    assert tc.lora == LoraConfig()  # the recipe keeps the one LoRA default set
     tc = train_config(build_parser().parse_args(["train", "--method", "lora", "--steps", "3"]))
-    assert (tc.model, tc.method, tc.steps, tc.lr) == (str(BASE), "lora", 3, RECIPE["lr"])
+    assert (tc.model, tc.method, tc.steps, tc.optim.lr) == (str(BASE), "lora", 3, RECIPE["lr"])
+    assert recipe("lora", 3, Path("o")) == dataclasses.replace(tc, out="o")
     with pytest.raises(ValueError, match="--model is required"):
         train_config(build_parser().parse_args(["train", "--data", "d.jsonl"]))
 
@@ -50,7 +64,7 @@ def test_train_with_no_arguments_runs(tmp_path: Path, monkeypatch: pytest.Monkey
     assert main(["train", "--steps", "2"]) == 0
     out = tmp_path / "qlora-spec-train"
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["r"] == RECIPE["rank"] and config["base_model_name_or_path"] == str(BASE)
+    assert config["r"] == LoraConfig().rank and config["base_model_name_or_path"] == str(BASE)
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
     # the adapter knows its base: generate and eval need no --model
     assert main(["generate", "--adapter", str(out), "--method", "qlora", "--prompt", "Ada"]) == 0
@@ -86,7 +100,7 @@ def test_fine_tuning_beats_prompting(tmp_path: Path) -> None:
 
     cfg = hf_io.load_config(BASE)
     shapes = [*attn_shapes(cfg).values(), *mlp_shapes(cfg).values()]
-    adapters = cfg.n_layers * sum(RECIPE["rank"] * (i + o) for i, o in shapes)
+    adapters = cfg.n_layers * sum(LoraConfig().rank * (i + o) for i, o in shapes)
     assert by["LoRA"].trainable_params == by["QLoRA"].trainable_params == adapters
     assert by["zero-shot prompt"].trainable_params == 0
     float_bytes = 4 * hf_io.n_params(cfg)

@@ -35,7 +35,7 @@ TINY: dict[str, Any] = dict(
     steps=40,
     batch_size=4,
     lr=1e-2,
-    warmup=4,
+    warmup_steps=4,
 )
 
 

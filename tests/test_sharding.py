@@ -212,7 +212,7 @@ def test_state_shardings_of_a_qlora_model_and_its_optimizer_state() -> None:
     assert spec(rest, *kernel, "packed") == PartitionSpec(None, "fsdp")  # [L, 80] bytes
     assert spec(rest, *kernel, "absmax") == PartitionSpec(None, None)  # [L, 3] blocks: whole
     assert spec(rest, *kernel, "offset") == PartitionSpec(None)
-    opt = jax.eval_shape(optimizer(OptimConfig()).init, params)  # clip, then AdamW
+    opt = jax.eval_shape(optimizer(OptimConfig(total_steps=100)).init, params)  # clip, then AdamW
     shardings = state_shardings(opt, mesh)
     adam = shardings[1][0]
     assert adam.mu["layers"]["attn"]["q_proj"]["lora_B"].get_value().spec == PartitionSpec(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jax_impl.model import to_spec
-from jax_impl.train.trainer import OptimConfig, Trainer
+from jax_impl.train.trainer import OptimConfig, Trainer, TrainingDiverged, eval_loss, fit
 from ref_numpy.model import loss_and_grads
 from ref_numpy.optim import adamw_init, adamw_update, clip_by_global_norm, warmup_cosine
 from tests.helpers import leaves
@@ -144,6 +144,57 @@ def test_frozen_base_does_not_move_and_loss_falls() -> None:
     for path, before in leaves(params):
         if not path.endswith(("lora_A", "lora_B")):
             np.testing.assert_array_equal(after[path], before.astype(np.float32), err_msg=path)
+
+
+def test_fit_steps_on_arrays_and_calls_the_hooks() -> None:
+    """``fit`` takes batches of arrays and returns each step's metrics: the same steps as
+    calling ``Trainer.step`` by hand, every hook called once per step with the metrics it and
+    earlier hooks wrote, stopping at ``steps`` without drawing another batch, and a non-finite
+    loss raising before the hooks see that step."""
+    rng = np.random.default_rng(29)
+    params, cfg, lcfg = make_case("qwen2-tied", "lora", rng, spread=0.3)
+    data = batches(rng, 3)
+
+    def make() -> Trainer:
+        model = engine(params, cfg, lcfg, jnp.float32, "lora")
+        return Trainer.create(model, OptimConfig(lr=3e-2, total_steps=5))
+
+    by_hand = make()
+    hand = [float(by_hand.step(b)["loss"]) for b in [*data, *data[:2]]]
+    seen: list[tuple[int, float]] = []
+
+    def note(trainer: Trainer, batch: dict, m: dict) -> None:
+        assert batch["input_ids"].shape == (A, B, T) and trainer.step_count == m["step"]
+        m["double"] = 2 * m["loss"]
+
+    def check(trainer: Trainer, batch: dict, m: dict) -> None:
+        seen.append((m["step"], m["double"]))
+
+    drawn = []
+
+    def stream() -> Any:
+        while True:
+            for b in data:
+                drawn.append(1)
+                yield b
+
+    trainer = make()
+    history = fit(trainer, stream(), steps=5, hooks=[note, check])
+    assert [m["step"] for m in history] == [1, 2, 3, 4, 5] and len(drawn) == 5
+    np.testing.assert_allclose([m["loss"] for m in history], hand, rtol=1e-6)
+    assert seen == [(m["step"], 2 * m["loss"]) for m in history]
+    assert set(history[0]) == {"loss", "grad_norm", "lr", "tokens", "step", "double"}
+    assert trainer.step_count == 5 and fit(trainer, stream(), steps=5) == []
+    np.testing.assert_allclose(  # the state is the trained one: same eval loss as by hand
+        eval_loss(trainer.model(), [data[0]])[0], eval_loss(by_hand.model(), [data[0]])[0]
+    )
+    assert eval_loss(trainer.model(), [data[0]])[0] != eval_loss(make().model(), [data[0]])[0]
+    bad = {**data[0], "input_ids": data[0]["input_ids"]}
+    broken = make()
+    broken.params = jax.tree.map(lambda x: x * jnp.nan, broken.params)
+    with pytest.raises(TrainingDiverged, match="step 1: non-finite loss"):
+        fit(broken, [bad], hooks=[check])
+    assert len(seen) == 5  # the hooks never saw the diverged step
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])

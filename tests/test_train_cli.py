@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from jax_impl.apps.cli import main
+from jax_impl.apps.train import TrainConfig, resolve_lora, resolve_max_length
+from jax_impl.model import EngineConfig
 from jax_impl.train.data import save_byte_tokenizer
-from jax_impl.train.trainer import TrainConfig, resolve_max_length, resolve_targets
-from ref_numpy.config import gpt2_config, llama_config
+from ref_numpy.config import LoraConfig, gpt2_config, llama_config
 from ref_numpy.formats.hf import save_model
 from ref_numpy.formats.peft import load_adapter
 from ref_numpy.model import init_params
@@ -172,11 +173,21 @@ def test_config_file_and_flags(model_dir: Path, tmp_path: Path) -> None:
         'targets = ["q_proj", "v_proj"]\nlr = 1e-3\n'
     )
     tc = train_config(build_parser().parse_args(["train", "--config", str(conf), "--rank", "2"]))
-    assert tc.rank == 2 and tc.lr == 1e-3 and tc.targets == ("q_proj", "v_proj")
+    assert tc.lora.rank == 2 and tc.optim.lr == 1e-3 and tc.lora.targets == ("q_proj", "v_proj")
     yml = tmp_path / "c.yaml"
     yml.write_text("model: m\ndata: d.jsonl\nout: o\nmethod: full\nmax-length: 64\n")
     tc = train_config(build_parser().parse_args(["train", "--config", str(yml)]))
-    assert tc.method == "full" and tc.max_length == 64
+    assert tc.method == "full" and tc.data_config.max_length == 64
+    # tables per section, as train_config.json records them, work too
+    conf.write_text(
+        f'model = "{model_dir}"\ndata = "d.jsonl"\nout = "o"\n[lora]\nrank = 5\nuse_rslora = true\n'
+        "[engine]\nnf4_blocksize = 128\n"
+    )
+    tc = train_config(build_parser().parse_args(["train", "--config", str(conf)]))
+    assert (tc.lora.rank, tc.lora.use_rslora, tc.engine.nf4_blocksize) == (5, True, 128)
+    conf.write_text('model = "m"\ndata = "d"\nout = "o"\n[lora]\nranks = 3\n')
+    with pytest.raises(ValueError, match="unknown key 'lora.ranks'"):
+        train_config(build_parser().parse_args(["train", "--config", str(conf)]))
     conf.write_text('model = "m"\ndata = "d"\nout = "o"\nranks = 3\n')
     with pytest.raises(ValueError, match="unknown key 'ranks'"):
         train_config(build_parser().parse_args(["train", "--config", str(conf)]))
@@ -290,8 +301,12 @@ def test_train_config_is_validated(
         assert main(train_args(model_dir, data, tmp_path / "o", *flags)) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "o").exists() and not (tmp_path / ".o.run").exists()
-    with pytest.raises(ValueError, match="TrainConfig.dtype: expected one of"):
-        TrainConfig(model="m", data="d", out="o", dtype="float8")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="EngineConfig.dtype: expected one of"):
+        EngineConfig(dtype="float8")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="TrainConfig.method: expected one of"):
+        TrainConfig(model="m", data="d", out="o", method="half")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"EngineConfig.nf4_blocksize: expected one of \[32, 64"):
+        EngineConfig(nf4_blocksize=48)
 
 
 def last_json(capsys: pytest.CaptureFixture[str]) -> dict:
@@ -310,7 +325,7 @@ def test_max_length_defaults_to_the_model_context(
     data = write_chat_data(tmp_path / "chat.jsonl", n=8)
     assert main(train_args(base, data, tmp_path / "o", "--steps", "2")) == 0
     recorded = json.loads((tmp_path / "o" / "train_config.json").read_text())
-    assert recorded["max_length"] == 48
+    assert recorded["data_config"]["max_length"] == 48
     assert last_json(capsys)["truncated"] > 0  # the chats are longer than 48 bytes
     assert main(train_args(base, data, tmp_path / "o2", "--max-length", "49")) == 2
     err = capsys.readouterr().err
@@ -326,7 +341,7 @@ def test_layers_to_transform_trains_only_those_blocks(
 
     def layers(*argv: str) -> tuple[int, ...] | None:
         args = ["train", "--model", "m", "--data", "d", "--out", "o", *argv]
-        return train_config(build_parser().parse_args(args)).layers_to_transform
+        return train_config(build_parser().parse_args(args)).lora.layers_to_transform
 
     assert layers() is None
     assert layers("--layers-to-transform", "0,1") == layers("--layers-to-transform", "0", "1")
@@ -360,7 +375,7 @@ def test_targets_take_commas_spaces_and_all_linear(
 
     def targets(*argv: str) -> tuple[str, ...]:
         args = ["train", "--model", "m", "--data", "d", "--out", "o", *argv]
-        return tuple(train_config(build_parser().parse_args(args)).targets)
+        return tuple(train_config(build_parser().parse_args(args)).lora.targets)
 
     assert targets("--targets", "q_proj,v_proj") == ("q_proj", "v_proj")
     assert targets("--targets", "q_proj", "v_proj") == ("q_proj", "v_proj")
@@ -375,8 +390,8 @@ def test_targets_take_commas_spaces_and_all_linear(
         targets("--targets", "all-linear,q_proj")
     # all-linear is every projection of a block, per family (PEFT: all but the output head)
     gpt2 = gpt2_config(vocab_size=50, d_model=16, n_layers=2, n_heads=2, d_ff=24, max_seq_len=16)
-    assert resolve_targets(("all-linear",), gpt2) == ("c_attn", "c_fc", "c_proj")
-    assert resolve_targets(("all-linear",), CFG) == tuple(
+    assert resolve_lora(LoraConfig(rank=2), gpt2).targets == ("c_attn", "c_fc", "c_proj")
+    assert resolve_lora(LoraConfig(), CFG).targets == tuple(
         sorted(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
     )
     data = write_chat_data(tmp_path / "chat.jsonl", n=8)
@@ -390,7 +405,7 @@ def test_targets_take_commas_spaces_and_all_linear(
     bad = train_args(model_dir, data, tmp_path / "o", "--targets", "q_proj,qproj")
     assert main(bad) == 2
     err = capsys.readouterr().err
-    assert "--targets: 'qproj' matches no projection of this llama model" in err
+    assert "LoraConfig.targets: 'qproj' matches no module of this llama model" in err
     assert "gate_proj" in err and "all-linear" in err
     assert not (tmp_path / ".o.run").exists()
 
@@ -403,9 +418,12 @@ def test_flags_that_would_do_nothing_are_errors(
     assert main([*base, "--method", "full", "--rank", "4"]) == 2
     assert "train: --rank sets the LoRA adapters, and --method full" in capsys.readouterr().err
     conf = tmp_path / "c.toml"
-    conf.write_text('method = "full"\nrslora = true\n')
+    conf.write_text('method = "full"\nuse_rslora = true\n')
     assert main([*base, "--config", str(conf)]) == 2
-    assert "train: --rslora sets the LoRA adapters" in capsys.readouterr().err
+    assert "train: --use-rslora sets the LoRA adapters" in capsys.readouterr().err
+    conf.write_text('method = "full"\n[lora]\nrank = 4\n')
+    assert main([*base, "--config", str(conf)]) == 2
+    assert "train: --rank sets the LoRA adapters" in capsys.readouterr().err
     assert main([*base, "--eval-interval", "5"]) == 2
     assert "--eval-interval 5 needs --eval-split > 0" in capsys.readouterr().err
     assert main([*base, "--eval-split", "0.01"]) == 2
@@ -443,7 +461,7 @@ def interrupt_before_out(monkeypatch: pytest.MonkeyPatch) -> None:
     def stop(*_: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("jax_impl.train.trainer.plot_loss", stop)
+    monkeypatch.setattr("jax_impl.apps.train.plot_loss", stop)
 
 
 def test_resume_refuses_a_changed_config_or_data(
@@ -462,9 +480,9 @@ def test_resume_refuses_a_changed_config_or_data(
     assert not out.exists()
     assert json.loads((work / "checkpoint" / "state.json").read_text())["step"] == 3
     recorded = (work / "train_config.json").read_bytes()
-    assert main([*args, "--resume", "--lr", "1e-3", "--warmup", "1"]) == 2
+    assert main([*args, "--resume", "--lr", "1e-3", "--warmup-steps", "1"]) == 2
     err = capsys.readouterr().err
-    assert "--resume: lr changed from 0.03 to 0.001; warmup changed from 0 to 1" in err
+    assert "--resume: lr changed from 0.03 to 0.001; warmup_steps changed from 0 to 1" in err
     text = data.read_text()
     data.write_text(text + text.splitlines()[0] + "\n")
     assert main([*args, "--resume"]) == 2
@@ -511,7 +529,7 @@ def test_help_lists_every_flag_with_its_choices(capsys: pytest.CaptureFixture[st
     import argparse
     import dataclasses
 
-    from jax_impl.apps.cli import add_flags, build_parser
+    from jax_impl.apps.cli import add_flags, build_parser, leaves
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -522,21 +540,31 @@ def test_help_lists_every_flag_with_its_choices(capsys: pytest.CaptureFixture[st
         main(["train", "--help"])
     assert stop.value.code == 0
     text = capsys.readouterr().out
-    for f in dataclasses.fields(TrainConfig):
-        assert "--" + f.name.replace("_", "-") in text, f.name
+    flags = leaves(TrainConfig)  # every leaf field of the nested configs
+    assert {leaf.path[0] for leaf in flags} >= {"lora", "optim", "engine", "data_config"}
+    for leaf in flags:
+        assert leaf.flag in text, leaf.path
     for flag in (
         "--method {full,lora,qlora}",
         "--dtype {float32,bfloat16,float64}",
         "--param-dtype {float32,bfloat16,float64}",
         "--remat {none,full,dots}",
+        "--attn-impl {einsum,xla,cudnn}",
+        "--nf4-blocksize {32,64,128,256,512,1024,2048,4096}",
+        "--double-quant, --no-double-quant",
         "--on-overflow {truncate,error}",
         "--packing, --no-packing",
+        "--rank N",
+        "--warmup-steps N",
+        "--use-rslora, --no-use-rslora",
+        "--lora-seed N",
     ):
         assert flag in text, flag
+    assert "--quantize" not in text  # --method qlora decides it
     assert "(required)" not in text and "None" not in text
     entries = text.split("\n  --")[1:]  # one per flag
-    assert len(entries) == len(dataclasses.fields(TrainConfig)) + 1  # and --config
-    assert all(e.count("default") <= 1 for e in entries), entries
+    assert len(entries) == len(flags) + 1  # and --config
+    assert all(e.count("default") == 1 for e in entries[1:]), entries  # a help line, a default
     assert "(default: the model's context, at most 512)" in " ".join(text.split())
     with pytest.raises(SystemExit):
         main(["pretrain", "--help"])
@@ -589,3 +617,37 @@ def test_generate_command_gives_the_spec_greedy_text(
         )
         == 0
     )
+
+
+def test_qlora_block_size_and_double_quant_are_flags(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--nf4-blocksize and --no-double-quant reach the NF4 base the adapters train beside,
+    and train_config.json and summary.json record them."""
+    from jax_impl.model import to_spec
+    from jax_impl.train.checkpoint import load_pretrained
+    from ref_numpy.nf4 import NF4Tensor
+
+    data = write_chat_data(tmp_path / "chat.jsonl", n=8)
+    losses = {}
+    for blocksize, dq in ((128, False), (64, True)):
+        out = tmp_path / f"q{blocksize}"
+        flags = ["--method", "qlora", "--steps", "2", "--nf4-blocksize", str(blocksize)]
+        flags.append("--double-quant" if dq else "--no-double-quant")
+        assert main(train_args(model_dir, data, out, *flags)) == 0
+        summary = last_json(capsys)
+        engine = json.loads((out / "train_config.json").read_text())["engine"]
+        assert (engine["nf4_blocksize"], engine["double_quant"], engine["quantize"]) == (
+            blocksize,
+            dq,
+            True,
+        )
+        assert (summary["nf4_blocksize"], summary["double_quant"]) == (blocksize, dq)
+        _, model = load_pretrained(model_dir, None, EngineConfig(**engine), adapter_dir=out)
+        q = to_spec(model)["layers"][0]["attn"]["q_proj"]["kernel"]  # the NF4 state trained on
+        assert isinstance(q, NF4Tensor) and (q.blocksize, q.double_quant) == (blocksize, dq)
+        assert q.absmax.size == CFG.d_model * CFG.d_model // blocksize
+        losses[blocksize] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    # a different quantization of the same base gives a (slightly) different first loss
+    assert losses[128] != losses[64]
+    assert losses[128] == pytest.approx(losses[64], rel=0.05)

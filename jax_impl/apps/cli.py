@@ -17,7 +17,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from ref_numpy.nf4 import BLOCKSIZES, nf4_bits_per_param
+from ref_numpy.nf4 import BLOCKSIZES, DEFAULT_BLOCKSIZE, nf4_bits_per_param
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument(
         "--blocksize",
         type=int,
-        default=64,
+        default=DEFAULT_BLOCKSIZE,
         choices=BLOCKSIZES,
-        help="weights per absmax block (default: 64)",
+        help=f"weights per absmax block (default: {DEFAULT_BLOCKSIZE})",
     )
     quant.add_argument("--no-double-quant", action="store_true", help="keep the absmax in float32")
     quant.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -136,54 +136,114 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument(
         "--blocksize",
         type=int,
-        default=64,
+        default=DEFAULT_BLOCKSIZE,
         choices=BLOCKSIZES,
-        help="weights per absmax block (default: 64)",
+        help=f"weights per absmax block (default: {DEFAULT_BLOCKSIZE})",
     )
     return parser
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per ``TrainConfig`` field (``max_length`` -> ``--max-length``), plus
-    ``--config FILE`` (TOML, YAML or JSON with the same keys; flags win)."""
-    from ..train.trainer import TrainConfig
+    """One flag per leaf field of ``TrainConfig`` (``data_config.max_length`` ->
+    ``--max-length``), plus ``--config FILE`` (TOML, YAML or JSON with the same keys, flat or
+    in tables per section; flags win)."""
+    from .train import TrainConfig
 
     p.add_argument(
         "--config",
         metavar="FILE",
-        help="TOML, YAML or JSON file of the same keys as the flags; flags given win",
+        help="TOML, YAML or JSON file of the same keys as the flags (--max-length: max_length), "
+        "flat or in tables per section ([lora] rank = 4); flags given win",
     )
     add_flags(p, TrainConfig)
 
 
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """A field of a (nested) config that a flag sets."""
+
+    path: tuple[str, ...]  # attribute path from the top config: ("lora", "rank")
+    field: dataclasses.Field  # the dataclass field, with its metadata
+    hint: Any  # its resolved annotation
+
+    @property
+    def flag(self) -> str:
+        """``metadata["flag"]``, or the field name as a flag (``--max-length``)."""
+        return str(self.field.metadata.get("flag", "--" + self.field.name.replace("_", "-")))
+
+    @property
+    def key(self) -> str:
+        """The flat config-file key: the flag's name with underscores (``max_length``)."""
+        return self.flag[2:].replace("-", "_")
+
+    @property
+    def dest(self) -> str:
+        return ".".join(self.path)
+
+
+def leaves(cls: Any, prefix: tuple[str, ...] = ()) -> list[Leaf]:
+    """The fields of the dataclass ``cls`` that flags set, nested configs walked into; a field
+    another flag decides (``metadata["set_by"]``) has none. Every field needs a
+    ``metadata["help"]``, and the flags must be unique."""
+    hints = typing.get_type_hints(cls)
+    out: list[Leaf] = []
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            raise TypeError(f"{cls.__name__}.{f.name}: no metadata['help'] to show in --help")
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += leaves(hints[f.name], (*prefix, f.name))
+        elif "set_by" not in f.metadata:
+            out.append(Leaf((*prefix, f.name), f, hints[f.name]))
+    flags = [leaf.flag for leaf in out]
+    if len(set(flags)) != len(flags):
+        twice = sorted({x for x in flags if flags.count(x) > 1})
+        raise TypeError(f"{cls.__name__}: flags {twice} name two fields (set metadata['flag'])")
+    return out
+
+
 def add_flags(p: argparse.ArgumentParser, cls: Any) -> None:
-    """One flag per field of the dataclass ``cls`` (``max_length`` -> ``--max-length``).
+    """One flag per leaf field of the dataclass ``cls`` (``leaves``), those of a nested config
+    in a group of their own.
 
     The help is the field's ``metadata["help"]`` and its default (``metadata["default_text"]``
     where the value alone does not say it; "required" for a field without a default); the
     placeholder is ``metadata["metavar"]`` where given (``DIR``); the choices are those of a
-    ``Literal`` annotation; a bool gets ``--x`` / ``--no-x``; a tuple takes names separated by
-    spaces or commas. A flag left out is absent from the parsed namespace, so what was typed
-    can be told from what was defaulted.
+    ``Literal`` annotation or ``metadata["choices"]``; a bool gets ``--x`` / ``--no-x``; a tuple
+    takes names separated by spaces or commas. A flag left out is absent from the parsed
+    namespace, so what was typed can be told from what was defaulted.
     """
+    groups: dict[str, Any] = {}
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if "help" not in f.metadata:
-            raise TypeError(f"{cls.__name__}.{f.name}: no metadata['help'] to show in --help")
-        kind, choices = _kind(hints[f.name])
-        text = f"{f.metadata['help']} ({_default_text(f)})".replace("%", "%%")
-        flag = "--" + f.name.replace("_", "-")
-        common: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text}
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
-        elif kind is tuple:
-            p.add_argument(flag, nargs="+", metavar=f.metadata.get("metavar", "NAME"), **common)
-        elif choices:
-            p.add_argument(flag, type=kind, choices=choices, **common)
-        else:
-            metavar = {int: "N", float: "X"}.get(kind, f.name.upper())
-            metavar = f.metadata.get("metavar", metavar)
-            p.add_argument(flag, type=kind, metavar=metavar, **common)
+    owners = {f.name: f for f in dataclasses.fields(cls)}
+    for leaf in leaves(cls):
+        section = leaf.path[0] if len(leaf.path) > 1 else ""
+        if section not in groups:
+            groups[section] = (
+                p
+                if not section
+                else p.add_argument_group(
+                    f"{section} ({hints[section].__name__})", owners[section].metadata["help"]
+                )
+            )
+        _add_flag(groups[section], leaf)
+
+
+def _add_flag(p: Any, leaf: Leaf) -> None:
+    f = leaf.field
+    kind, choices = _kind(leaf.hint)
+    choices = tuple(f.metadata.get("choices", choices))
+    text = f"{f.metadata['help']} ({_default_text(f)})".replace("%", "%%")
+    common: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text, "dest": leaf.dest}
+    if kind is bool:
+        p.add_argument(leaf.flag, action=argparse.BooleanOptionalAction, **common)
+    elif kind is tuple:
+        p.add_argument(leaf.flag, nargs="+", metavar=f.metadata.get("metavar", "NAME"), **common)
+    elif choices:
+        p.add_argument(leaf.flag, type=kind, choices=choices, **common)
+    else:
+        metavar = {int: "N", float: "X"}.get(kind, f.name.upper())
+        metavar = f.metadata.get("metavar", metavar)
+        p.add_argument(leaf.flag, type=kind, metavar=metavar, **common)
 
 
 def _kind(hint: Any) -> tuple[type, tuple[Any, ...]]:
@@ -278,63 +338,85 @@ def _tuple_hint(hint: Any) -> Any:
     return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
 
 
-def _fields(args: argparse.Namespace, cls: Any) -> dict[str, Any]:
-    """The flags typed for the dataclass ``cls``."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    given = {k: v for k, v in vars(args).items() if k in names}
-    hints = typing.get_type_hints(cls)
+def _given(args: argparse.Namespace, cls: Any) -> dict[tuple[str, ...], Any]:
+    """The flags typed for the dataclass ``cls``, by field path."""
+    given = vars(args)
     return {
-        k: _items(v, hints[k], "--" + k.replace("_", "-")) if _kind(hints[k])[0] is tuple else v
-        for k, v in given.items()
+        leaf.path: _items(given[leaf.dest], leaf.hint, leaf.flag)
+        if _kind(leaf.hint)[0] is tuple
+        else given[leaf.dest]
+        for leaf in leaves(cls)
+        if leaf.dest in given
     }
 
 
-def _required(values: dict[str, Any], cls: Any, command: str) -> None:
-    """Refuse ``values`` that lack a field of ``cls`` without a default, naming its flag."""
+def from_keys(data: dict[str, Any], cls: Any, where: str) -> dict[tuple[str, ...], Any]:
+    """The values of a config file (or a recipe) for the dataclass ``cls``, by field path:
+    flat keys (``max_length``, as the flags) or tables per section (``{"lora": {"rank": 4}}``),
+    each value checked against its field's annotation."""
+    by_key = {leaf.key: leaf for leaf in leaves(cls)}
+    by_path = {leaf.path: leaf for leaf in leaves(cls)}
+    sections = {leaf.path[0] for leaf in by_path.values() if len(leaf.path) > 1}
+    out: dict[tuple[str, ...], Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        items: list[tuple[tuple[str, ...], Any, str]]
+        if name in sections and isinstance(value, dict):
+            items = [((name, str(k).replace("-", "_")), v, f"{key}.{k}") for k, v in value.items()]
+        elif name in by_key:
+            items = [(by_key[name].path, value, str(key))]
+        else:
+            raise ValueError(f"{where}: unknown key {key!r}")
+        for path, v, shown in items:
+            if path not in by_path:
+                raise ValueError(f"{where}: unknown key {shown!r}")
+            out[path] = _value(v, by_path[path].hint, f"{where}: {shown}")
+    return out
+
+
+def build(cls: Any, values: dict[tuple[str, ...], Any], command: str) -> Any:
+    """The dataclass ``cls`` from ``values`` by field path, nested configs built from theirs
+    (their defaults for the rest). A field without a default that ``values`` lacks is an
+    error naming its flag."""
+    kwargs: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            if f.name not in values:
-                raise ValueError(f"{command}: --{f.name.replace('_', '-')} is required")
+        if dataclasses.is_dataclass(hints[f.name]):
+            inner = {p[1:]: v for p, v in values.items() if p[0] == f.name}
+            kwargs[f.name] = build(hints[f.name], inner, command)
+        elif (f.name,) in values:
+            kwargs[f.name] = values[(f.name,)]
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ValueError(f"{command}: --{f.name.replace('_', '-')} is required")
+    return cls(**kwargs)
 
 
 def train_config(args: argparse.Namespace) -> Any:
     """The resolved ``TrainConfig``: defaults, then the --config file, then flags.
 
     LoRA flags (``--rank`` ...) given with ``--method full``, typed or in the file, are an
-    error: they would change nothing.
+    error: they would change nothing. Without ``--model`` and ``--data``, the bundled base model
+    and task with the demo's recipe (``demo.RECIPE``) under the file and flags.
     """
-    from ..train.trainer import LORA_FIELDS, TrainConfig
+    from .train import TrainConfig
 
-    hints = typing.get_type_hints(TrainConfig)
-    values: dict[str, Any] = {}
+    values: dict[tuple[str, ...], Any] = {}
     if getattr(args, "config", None):
-        for key, value in _read_config(args.config).items():
-            name = str(key).replace("-", "_")
-            if name not in hints:
-                raise ValueError(f"{args.config}: unknown key {key!r}")
-            values[name] = _value(value, hints[name], f"{args.config}: {key}")
-    values.update(_fields(args, TrainConfig))
-    if values.get("method") == "full":
-        for name in LORA_FIELDS:
-            if name in values:
-                flag = "--" + name.replace("_", "-")
+        values.update(from_keys(_read_config(args.config), TrainConfig, args.config))
+    values.update(_given(args, TrainConfig))
+    if values.get(("method",)) == "full":
+        for leaf in leaves(TrainConfig):
+            if leaf.path[0] == "lora" and leaf.path in values:
                 raise ValueError(
-                    f"train: {flag} sets the LoRA adapters, and --method full trains every "
-                    f"weight without them; leave out {flag} or use --method lora / qlora"
+                    f"train: {leaf.flag} sets the LoRA adapters, and --method full trains every "
+                    f"weight without them; leave out {leaf.flag} or use --method lora / qlora"
                 )
-    if "model" not in values and "data" not in values:  # the bundled base model and task
+    if ("model",) not in values and ("data",) not in values:  # the bundled model and task
         from .demo import BASE, RECIPE, TASK_TRAIN
 
-        values = {
-            "model": str(BASE),
-            "data": str(TASK_TRAIN),
-            "out": "qlora-spec-train",
-            "method": "qlora",
-            **RECIPE,
-            **values,
-        }
-    _required(values, TrainConfig, "train")
-    return TrainConfig(**values)
+        bundled = {"model": str(BASE), "data": str(TASK_TRAIN), "out": "qlora-spec-train"}
+        values = {**from_keys({**bundled, **RECIPE}, TrainConfig, "demo.RECIPE"), **values}
+    return build(TrainConfig, values, "train")
 
 
 def _base_model(args: argparse.Namespace) -> str:
@@ -444,7 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(f"wrote {out}")
         elif args.command == "train":
-            from ..train.trainer import TrainingDiverged, run
+            from ..train.trainer import TrainingDiverged
+            from .train import run
 
             try:
                 summary = run(train_config(args))
@@ -455,14 +538,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "pretrain":
             from .pretrain import PretrainConfig, pretrain
 
-            pc = _fields(args, PretrainConfig)
-            _required(pc, PretrainConfig, "pretrain")
-            print(json.dumps(pretrain(PretrainConfig(**pc))))
+            pc = build(PretrainConfig, _given(args, PretrainConfig), "pretrain")
+            print(json.dumps(pretrain(pc)))
         elif args.command == "demo":
             from .demo import DemoConfig
             from .demo import main as demo_main
 
-            demo_main(DemoConfig(**_fields(args, DemoConfig)))
+            demo_main(build(DemoConfig, _given(args, DemoConfig), "demo"))
         elif args.command == "eval":
             print(json.dumps(_eval(args)))
         elif args.command == "generate":

@@ -39,13 +39,11 @@ TASK_TRAIN = ASSETS / "task" / "train.jsonl"
 TASK_HELDOUT = ASSETS / "task" / "heldout.jsonl"
 N_TRAIN, N_HELDOUT = 2000, 200
 
-# The fine-tuning recipe of the demo, and of `qlora-spec train` without --model / --data.
+# The fine-tuning recipe of the demo, and of `qlora-spec train` without --model / --data: the
+# config-file keys (flag names) that differ from TrainConfig's defaults.
 RECIPE: dict[str, Any] = {
-    "rank": 8,
-    "alpha": 16.0,
-    "dropout": 0.0,
     "lr": 4e-3,
-    "warmup": 10,
+    "warmup_steps": 10,
     "batch_size": 8,
     "max_length": 128,
     "steps": 320,
@@ -129,17 +127,21 @@ def score(
     return hits / len(targets), answers
 
 
+def recipe(method: str, steps: int, out: Path) -> Any:
+    """The ``TrainConfig`` of the demo's fine-tune with ``method`` into ``out``."""
+    from .cli import build, from_keys
+    from .train import TrainConfig
+
+    keys = {**RECIPE, "steps": steps}
+    paths = {"model": str(BASE), "data": str(TASK_TRAIN), "out": str(out), "method": method}
+    return build(TrainConfig, from_keys({**paths, **keys}, TrainConfig, "demo.RECIPE"), "demo")
+
+
 def finetune(method: str, dc: DemoConfig, out: Path) -> float:
     """Train an adapter into ``out``; returns the wall-clock seconds (compiles included)."""
-    from ..train.trainer import TrainConfig, run
+    from .train import run
 
-    tc = TrainConfig(
-        model=str(BASE),
-        data=str(TASK_TRAIN),
-        out=str(out),
-        method=method,  # type: ignore[arg-type]
-        **{**RECIPE, "steps": dc.steps},
-    )
+    tc = recipe(method, dc.steps, out)
     t = time.perf_counter()
     run(tc, progress=False)
     return time.perf_counter() - t
@@ -210,7 +212,8 @@ def write_report(
     out: Path, results: list[Result], held: list[dict[str, str]], dc: DemoConfig
 ) -> None:
     """``report.md``, ``results.json`` and ``loss.png`` (LoRA and QLoRA train loss)."""
-    from ..train.trainer import plot_losses
+    tc = recipe("qlora", dc.steps, out / "qlora")
+    from .train import plot_losses
 
     plot_losses(
         {"LoRA": out / "lora" / "metrics.jsonl", "QLoRA": out / "qlora" / "metrics.jsonl"},
@@ -229,8 +232,8 @@ def write_report(
         "greedy decoding, exact match.",
         f"Base model: `jax_impl/assets/base` ({hf.n_params(hf.load_config(BASE)):,} "
         "parameters, pretrained from scratch by `qlora-spec pretrain`).",
-        f"Fine-tuning: {dc.steps} steps of batch {RECIPE['batch_size']}, rank {RECIPE['rank']} "
-        "on all seven projections of every layer.",
+        f"Fine-tuning: {dc.steps} steps of batch {tc.data_config.batch_size}, rank "
+        f"{tc.lora.rank} on all seven projections of every layer.",
         "",
         table(results),
         "",
@@ -255,7 +258,11 @@ def write_report(
         out / "results.json",
         {
             "config": dataclasses.asdict(dc),
-            "recipe": RECIPE,
+            "recipe": {
+                k: v
+                for k, v in dataclasses.asdict(tc).items()
+                if k not in ("model", "data", "out", "resume", "overwrite")
+            },
             "results": [dataclasses.asdict(r) for r in results],
         },
     )

@@ -6,10 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from ref_numpy.formats import bnb, hf, peft
 from ref_numpy.lora import join_lora
@@ -19,7 +16,8 @@ from ..model import EngineConfig
 from ..train.checkpoint import load_pretrained
 from ..train.data import batches as make_batches
 from ..train.data import bucket_lengths, encode_file, unpacked_rows
-from ..train.trainer import resolve_max_length, token_loss_sum
+from ..train.trainer import eval_loss
+from .train import resolve_max_length
 
 
 def evaluate_file(
@@ -52,12 +50,9 @@ def evaluate_file(
     if backend == "jax":
         eng = EngineConfig(quantize=method == "qlora")
         _, model = load_pretrained(model_dir, None, eng, adapter_dir=adapter)
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
-        step = jax.jit(lambda p, r, b: token_loss_sum(graphdef, p, r, b, None))
-        for batch in make_batches(rows, batch_size, 1, buckets, seed=0, epoch=0, pad_id=pad_id):
-            s, n = step(params, rest, {k: jnp.asarray(v[0]) for k, v in batch.items()})
-            total, count = total + float(s), count + int(n)
-        return total / max(count, 1), count
+        return eval_loss(
+            model, make_batches(rows, batch_size, 1, buckets, seed=0, epoch=0, pad_id=pad_id)
+        )
 
     if bnb.is_nf4_checkpoint(model_dir):
         cfg, params = bnb.load_nf4_model(model_dir, dtype=np.float64)

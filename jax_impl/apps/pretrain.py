@@ -6,7 +6,7 @@ The run is three steps, each reproducible from the config alone:
 2. a byte-level BPE tokenizer trained on it (``tokenizers``), digits kept one per token so
    numbers are spelled digit by digit;
 3. a Llama-family model initialised by the spec (``ref_numpy.model.init_params``) and fully
-   trained on the packed corpus by ``jax_impl.train.run``.
+   trained on the packed corpus by ``jax_impl.train.trainer.fit``.
 
 The output is a Hugging Face model directory (``config.json``, ``model.safetensors``,
 ``tokenizer.json``, ``tokenizer_config.json``) with the run's metrics, loss curve and config.
@@ -17,8 +17,6 @@ below (see ``docs/demo.md``).
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 from dataclasses import field
 from pathlib import Path
 from typing import Any
@@ -31,8 +29,21 @@ from ref_numpy.config import ModelConfig, llama_config
 from ref_numpy.formats import files, hf
 from ref_numpy.model import init_params
 
-from ..train.data import read_jsonl
+from ..model import EngineConfig, from_spec, to_spec
+from ..train.data import bucket_lengths, encode, load_tokenizer, pack, read_jsonl
+from ..train.data import fit as cut_to_length
+from ..train.trainer import OptimConfig, Trainer, fit
 from . import corpus
+from .train import (
+    DataConfig,
+    Progress,
+    Throughput,
+    epoch_batches,
+    log_metrics,
+    move_into,
+    plot_loss,
+    run_summary,
+)
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 # Words with their leading space, single digits, runs of other symbols, whitespace.
@@ -71,7 +82,9 @@ class PretrainConfig:
     steps: int = field(default=800, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=16, metadata={"help": "rows per step"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
-    warmup: int = field(default=80, metadata={"help": "steps of linear warmup from 0 to --lr"})
+    warmup_steps: int = field(
+        default=80, metadata={"help": "steps of linear warmup from 0 to the peak --lr"}
+    )
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW decoupled weight decay"})
     init_std: float = field(
         default=0.02, metadata={"help": "standard deviation of the normal init of every matrix"}
@@ -141,12 +154,9 @@ def model_config(pc: PretrainConfig, vocab_size: int) -> ModelConfig:
     )
 
 
-def write_init(pc: PretrainConfig, texts: list[str], out_dir: Path) -> ModelConfig:
-    """The untrained model directory: tokenizer files and spec-initialised weights."""
-    tok = train_tokenizer(texts, pc.vocab_size)
-    cfg = model_config(pc, tok.get_vocab_size(with_added_tokens=True))
-    params = init_params(cfg, np.random.default_rng(pc.seed), std=pc.init_std)
-    hf.save_model(params, cfg, out_dir)
+def write_tokenizer(pc: PretrainConfig, tok: tokenizers.Tokenizer, out_dir: Path) -> None:
+    """``tokenizer.json`` and ``tokenizer_config.json`` (special tokens, context) in
+    ``out_dir``."""
     tok.save(str(out_dir / "tokenizer.json"))
     files.write_json(
         out_dir / "tokenizer_config.json",
@@ -158,7 +168,6 @@ def write_init(pc: PretrainConfig, texts: list[str], out_dir: Path) -> ModelConf
             "model_max_length": pc.max_length,
         },
     )
-    return cfg
 
 
 def corpus_texts(pc: PretrainConfig) -> list[str]:
@@ -178,43 +187,41 @@ def recorded_config(pc: PretrainConfig) -> dict[str, Any]:
 
 
 def pretrain(pc: PretrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Corpus, tokenizer, init, then full training into ``pc.out``; returns the summary."""
-    from ..train.trainer import TrainConfig, run
-
+    """Corpus, tokenizer, init, then full training into ``pc.out`` (the model, tokenizer,
+    metrics.jsonl, loss.png, summary.json, pretrain_config.json); returns the summary."""
     out = Path(pc.out)
     if out.exists() and not pc.overwrite:
         raise FileExistsError(f"{out}: exists (pass --overwrite to replace it)")
-    work = out.parent / f".{out.name}.pretrain"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    try:
-        texts = corpus_texts(pc)
-        data = work / "corpus.jsonl"
-        with data.open("w") as f:
-            for t in texts:
-                f.write(json.dumps({"text": t}) + "\n")
-        write_init(pc, texts, work / "init")
-        tc = TrainConfig(
-            model=str(work / "init"),
-            data=str(data),
-            out=str(work / "model"),
-            method="full",
-            lr=pc.lr,
-            warmup=pc.warmup,
-            weight_decay=pc.weight_decay,
-            batch_size=pc.batch_size,
-            max_length=pc.max_length,
-            steps=pc.steps,
-            seed=pc.seed,
-            checkpoint_interval=max(pc.steps // 4, 1),
+    texts = corpus_texts(pc)
+    with files.atomic_dir(out, pc.overwrite) as tmp:
+        write_tokenizer(pc, train_tokenizer(texts, pc.vocab_size), tmp)
+        tok = load_tokenizer(tmp)  # as the data path and transformers read it
+        cfg = model_config(pc, tok.vocab_size)
+        params = init_params(cfg, np.random.default_rng(pc.seed), std=pc.init_std)
+        encoded = encode([{"text": t} for t in texts], "text", tok, vocab_size=cfg.vocab_size)
+        encoded, truncated = cut_to_length(encoded, pc.max_length)
+        rows = pack(encoded, pc.max_length)
+        optim = OptimConfig(lr=pc.lr, warmup_steps=pc.warmup_steps, weight_decay=pc.weight_decay)
+        trainer = Trainer.create(
+            from_spec(params, cfg, None, EngineConfig()), optim.for_steps(pc.steps), pc.seed
         )
-        summary = run(tc, progress=progress)
-        with files.atomic_dir(out, pc.overwrite) as tmp:
-            for item in (work / "model").iterdir():
-                if item.name != "train_config.json":  # its paths were the work dir's
-                    shutil.move(item, tmp / item.name)
-            files.write_json(tmp / "pretrain_config.json", recorded_config(pc))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        data = DataConfig(batch_size=pc.batch_size, max_length=pc.max_length)
+        buckets = bucket_lengths(pc.max_length)
+        bar = Progress(pc.steps, 0, progress)
+        with (tmp / "metrics.jsonl").open("w") as log:
+            history = fit(
+                trainer,
+                epoch_batches(trainer, rows, data, buckets, seed=pc.seed, pad_id=tok.pad_id),
+                steps=pc.steps,
+                hooks=[Throughput(), log_metrics(log), bar],
+            )
+        bar.close()
+        model = trainer.model()
+        hf.save_model(to_spec(model), cfg, tmp / "model")
+        move_into(tmp / "model", tmp)
+        stats = {"format": "text", "examples": len(encoded), "truncated": truncated}
+        summary = run_summary(model, {**stats, "eval_examples": 0}, pc.steps, history[-1])
+        files.write_json(tmp / "summary.json", summary)
+        plot_loss(tmp / "metrics.jsonl", tmp / "loss.png")
+        files.write_json(tmp / "pretrain_config.json", recorded_config(pc))
     return summary

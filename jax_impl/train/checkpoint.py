@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 
 from ref_numpy.config import LoraConfig, ModelConfig
 from ref_numpy.formats import bnb, files, hf, peft
-from ref_numpy.lora import add_lora, join_lora, split_lora
+from ref_numpy.lora import add_lora, join_lora, projections, split_lora
 from ref_numpy.nf4 import NF4Tensor
 
 from ..model import EngineConfig, Model, from_spec, to_spec
@@ -42,11 +42,19 @@ def load_pretrained(
     eng = EngineConfig() if eng is None else eng
     if bnb.is_nf4_checkpoint(model_dir):
         cfg, params = bnb.load_nf4_model(model_dir)
-        first = params["layers"][0]["mlp"]
-        kernel = next(iter(first.values()))["kernel"]
-        assert isinstance(kernel, NF4Tensor)
+        settings = {
+            (p["kernel"].blocksize, p["kernel"].double_quant)
+            for _, p in projections(params)
+            if isinstance(p["kernel"], NF4Tensor)
+        }
+        if len(settings) != 1:  # the engine holds one NF4 layout for every projection
+            raise ValueError(
+                f"{model_dir}: expected every projection in NF4 with one (blocksize, "
+                f"double_quant), got {sorted(settings)}"
+            )
+        ((blocksize, double_quant),) = settings
         eng = dataclasses.replace(
-            eng, quantize=True, nf4_blocksize=kernel.blocksize, double_quant=kernel.double_quant
+            eng, quantize=True, nf4_blocksize=blocksize, double_quant=double_quant
         )
     else:
         cfg, params = hf.load_model(

@@ -57,7 +57,7 @@ RULES: Rules = (
     ("lora_rank", None),  # R: small, kept whole
     ("positions", None),  # learned position embeddings' rows
     ("nf4_bytes", "fsdp"),  # packed NF4 bytes, row-major over the PyTorch [out, in] weight
-    ("nf4_blocks", "fsdp"),  # NF4 block scales: one per 64 weights, so whole blocks per shard
+    ("nf4_blocks", "fsdp"),  # NF4 block scales: one per block of weights, whole blocks per shard
 )
 
 

@@ -44,7 +44,14 @@ from safetensors.numpy import save_file
 
 from ..config import ModelConfig
 from ..lora import projections
-from ..nf4 import BLOCKSIZES, NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor, quantize_kernel
+from ..nf4 import (
+    BLOCKSIZES,
+    DEFAULT_BLOCKSIZE,
+    NESTED_BLOCKSIZE,
+    NF4_CODE,
+    NF4Tensor,
+    quantize_kernel,
+)
 from . import files, hf
 from .hf import CheckpointError, HFTensor, Params
 
@@ -357,7 +364,7 @@ def save_nf4_model(
     cfg: ModelConfig,
     out_dir: str | os.PathLike[str],
     *,
-    blocksize: int = 64,
+    blocksize: int = DEFAULT_BLOCKSIZE,
     double_quant: bool = True,
     compute_dtype: ComputeDtype = "float32",
     dtype: Any = np.float32,
@@ -405,7 +412,7 @@ def quantize_model(
     model_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
-    blocksize: int = 64,
+    blocksize: int = DEFAULT_BLOCKSIZE,
     double_quant: bool = True,
     compute_dtype: ComputeDtype = "float32",
     dtype: Any = None,

@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from ..config import ROPE_FIELDS, ModelConfig, RopeScaling, attn_shapes, has_bias, mlp_shapes
-from ..nf4 import NF4Tensor, quantize_kernel
+from ..nf4 import DEFAULT_BLOCKSIZE, NF4Tensor, quantize_kernel
 from .files import atomic_dir, write_json
 
 Params = dict[str, Any]
@@ -511,7 +511,7 @@ def load_model(
     model_dir: str | os.PathLike[str],
     dtype: Any = np.float32,
     quantize: Callable[[tuple[Any, ...]], bool] | None = None,
-    blocksize: int = 64,
+    blocksize: int = DEFAULT_BLOCKSIZE,
     double_quant: bool = True,
 ) -> tuple[ModelConfig, Params]:
     """Read a checkpoint into the spec's param tree.

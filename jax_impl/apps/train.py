@@ -1,0 +1,602 @@
+"""``qlora-spec train``: a thin job around ``trainer.fit`` that owns the files.
+
+``TrainConfig`` composes the configs each part owns (``LoraConfig`` from the spec,
+``OptimConfig`` from the trainer, ``EngineConfig`` from the model, ``DataConfig`` here) and
+adds what only a run has: paths, step count, seeds, checkpoints. The CLI makes one flag per
+leaf field from their metadata. ``run`` reads the checkpoint and the JSONL file, resumes an
+unfinished run, calls ``fit`` with hooks for the metrics log, progress bar, evaluation and
+checkpoints, and writes the output directory atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import field
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from ref_numpy.config import (
+    ALL_LINEAR,
+    LoraConfig,
+    ModelConfig,
+    attn_shapes,
+    check_fields,
+    mlp_shapes,
+    projection_paths,
+)
+from ref_numpy.formats import bnb, files, hf
+from ref_numpy.lora import selected_paths
+from ref_numpy.nf4 import nf4_bits_per_param
+
+from ..model import EngineConfig, Model, to_spec, trainable_params
+from ..train.checkpoint import load_pretrained, load_train_state, save_adapter, save_train_state
+from ..train.data import (
+    DataError,
+    Row,
+    batches,
+    bucket_lengths,
+    encode_file,
+    num_batches,
+    pack,
+    unpacked_rows,
+)
+from ..train.trainer import OptimConfig, Trainer, TrainingDiverged, eval_loss, fit
+
+Method = Literal["full", "lora", "qlora"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """How the examples become batches."""
+
+    batch_size: int = field(default=4, metadata={"help": "rows per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "tokens per row, at most the model's max_position_embeddings",
+            "default_text": "the model's context, at most 512",
+        },
+    )
+    packing: bool = field(default=True, metadata={"help": "pack several examples into a row"})
+    eval_split: float = field(
+        default=0.0, metadata={"help": "fraction of the examples held out for an eval loss"}
+    )
+    train_on_prompt: bool = field(
+        default=False, metadata={"help": "count prompt tokens in the loss too"}
+    )
+    on_overflow: Literal["truncate", "error"] = field(
+        default="truncate",
+        metadata={"help": "an example longer than --max-length is cut (truncate) or refused"},
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("batch_size", "grad_accum", "max_length"):
+            value = getattr(self, name)
+            if value is not None and not value >= 1:
+                raise ValueError(f"DataConfig.{name}: expected >= 1, got {value}")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise ValueError(f"DataConfig.eval_split: expected 0 <= x < 1, got {self.eval_split}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``qlora-spec train`` takes. The leaf field names are the flags
+    (``data_config.max_length`` -> ``--max-length``; ``metadata["flag"]`` where a name is
+    taken), ``metadata["help"]`` their help, ``metadata["default_text"]`` the default in
+    words where the value alone does not say it."""
+
+    model: str = field(
+        metadata={
+            "help": "Hugging Face model directory (float or NF4 checkpoint)",
+            "metavar": "DIR",
+            "default_text": "the bundled base model, when --data is left out too",
+        }
+    )
+    data: str = field(
+        metadata={
+            "help": "JSONL file of training examples",
+            "metavar": "FILE",
+            "default_text": "the bundled task, when --model is left out too",
+        }
+    )
+    out: str = field(
+        metadata={
+            "help": "output directory, written only when the run completes",
+            "metavar": "DIR",
+            "default_text": "qlora-spec-train, with the bundled model and task",
+        }
+    )
+    method: Method = field(
+        default="qlora",
+        metadata={
+            "help": "what trains: every weight (full), adapters beside a float base (lora) "
+            "or beside an NF4 base (qlora)"
+        },
+    )
+    lora: LoraConfig = field(
+        default_factory=LoraConfig, metadata={"help": "LoRA adapters (lora, qlora)"}
+    )
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimizer"})
+    engine: EngineConfig = field(
+        default_factory=EngineConfig, metadata={"help": "dtypes, attention, remat, NF4"}
+    )
+    data_config: DataConfig = field(default_factory=DataConfig, metadata={"help": "batches"})
+    steps: int | None = field(
+        default=None,
+        metadata={"help": "optimizer steps", "default_text": "--epochs passes over the data"},
+    )
+    epochs: int = field(
+        default=1, metadata={"help": "passes over the data, when --steps is not given"}
+    )
+    eval_interval: int = field(
+        default=0,
+        metadata={"help": "steps between eval losses, with --eval-split; 0: only at the end"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the data order and of dropout"})
+    checkpoint_interval: int = field(
+        default=50, metadata={"help": "steps between resumable checkpoints"}
+    )
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "continue the unfinished run for this --out from its last checkpoint "
+            "(refused if the config or data changed)"
+        },
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace an existing --out, or start an unfinished run again"},
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        quantize = self.method == "qlora"  # the engine's quantize is --method's to say
+        if self.engine.quantize != quantize:
+            object.__setattr__(self, "engine", dataclasses.replace(self.engine, quantize=quantize))
+        for name in ("epochs", "checkpoint_interval", "steps"):
+            value = getattr(self, name)
+            if value is not None and not value >= 1:
+                raise ValueError(f"TrainConfig.{name}: expected >= 1, got {value}")
+        if self.eval_interval < 0:
+            raise ValueError(f"TrainConfig.eval_interval: expected >= 0, got {self.eval_interval}")
+        if self.eval_interval and not self.data_config.eval_split:
+            raise ValueError(
+                f"TrainConfig.eval_interval: --eval-interval {self.eval_interval} needs "
+                "--eval-split > 0 (without it nothing is held out to evaluate)"
+            )
+
+    def work_dir(self) -> Path:
+        """Where checkpoints of an unfinished run live (beside --out, never in it)."""
+        out = Path(self.out)
+        return out.parent / f".{out.name}.run"
+
+
+def resolve_max_length(max_length: int | None, context: int) -> int:
+    """``max_length``, or ``min(512, context)`` when None; refuses one above ``context`` (the
+    model's ``max_position_embeddings``), naming the flag."""
+    if max_length is None:
+        return min(512, context)
+    if max_length > context:
+        raise ValueError(
+            f"--max-length {max_length} exceeds the model's max_position_embeddings ({context})"
+        )
+    return max_length
+
+
+def resolve_lora(lora: LoraConfig, cfg: ModelConfig) -> LoraConfig:
+    """``lora`` checked against ``cfg`` (``ref_numpy.lora.selected_paths``: every target
+    selects a projection, every layer exists) with ``all-linear`` spelled out as the names of
+    every projection of a block (PEFT's meaning: every linear layer but the output head)."""
+    selected_paths(projection_paths(cfg), cfg, lora)
+    if lora.targets != (ALL_LINEAR,):
+        return lora
+    names = tuple(sorted({*attn_shapes(cfg), *mlp_shapes(cfg)}))
+    return dataclasses.replace(lora, targets=names)
+
+
+def prepare_rows(
+    tc: TrainConfig, max_length: int, vocab_size: int
+) -> tuple[list[Row], list[Row], Any, dict]:
+    """Train rows, eval rows, the tokenizer and data statistics, from the JSONL file."""
+    dc = tc.data_config
+    encoded, truncated, tok, fmt = encode_file(
+        tc.model,
+        tc.data,
+        vocab_size,
+        max_length,
+        train_on_prompt=dc.train_on_prompt,
+        on_overflow=dc.on_overflow,
+    )
+    order = np.random.default_rng(tc.seed).permutation(len(encoded))
+    n_eval = round(dc.eval_split * len(encoded))
+    if dc.eval_split and not n_eval:
+        raise DataError(
+            f"{tc.data}: --eval-split {dc.eval_split} of {len(encoded)} examples holds out none"
+        )
+    held = [encoded[i] for i in order[:n_eval]]
+    train = [encoded[i] for i in sorted(order[n_eval:])]
+    if not train:
+        raise DataError(f"{tc.data}: no training examples left after the eval split")
+    to_rows = (lambda e: pack(e, max_length)) if dc.packing else unpacked_rows
+    stats = {
+        "format": fmt,
+        "examples": len(encoded),
+        "truncated": truncated,
+        "eval_examples": n_eval,
+    }
+    return to_rows(train), (to_rows(held) if held else []), tok, stats
+
+
+def epoch_batches(
+    trainer: Trainer,
+    rows: list[Row],
+    dc: DataConfig,
+    buckets: list[int],
+    *,
+    seed: int,
+    pad_id: int | None,
+) -> Iterator[dict[str, Any]]:
+    """Batches from the trainer's position on, epoch after epoch, without end: each epoch's
+    order is fixed by ``(seed, epoch)``, so a resumed run sees the batches it would have."""
+    per_epoch = num_batches(len(rows), dc.batch_size, dc.grad_accum)
+    while True:
+        epoch, start = divmod(trainer.step_count, per_epoch)
+        yield from batches(
+            rows,
+            dc.batch_size,
+            dc.grad_accum,
+            buckets,
+            seed=seed,
+            epoch=epoch,
+            start=start,
+            pad_id=pad_id,
+        )
+
+
+# --- hooks: what a job does after each step ---------------------------------------------
+
+
+class Throughput:
+    """Adds ``tokens`` (real input tokens), ``loss_tokens`` (counted in the loss) and their
+    rates per second since the hook was made."""
+
+    def __init__(self) -> None:
+        self.start, self.tokens, self.loss_tokens = time.perf_counter(), 0, 0
+
+    def __call__(self, trainer: Trainer, batch: dict[str, Any], m: dict[str, Any]) -> None:
+        tokens, loss_tokens = int(batch["attention_mask"].sum()), int(m.pop("tokens"))
+        self.tokens, self.loss_tokens = self.tokens + tokens, self.loss_tokens + loss_tokens
+        seconds = time.perf_counter() - self.start
+        m.update(
+            tokens=tokens,
+            loss_tokens=loss_tokens,
+            tokens_per_s=self.tokens / seconds,
+            loss_tokens_per_s=self.loss_tokens / seconds,
+        )
+
+
+class Progress:
+    """A tqdm bar with the loss and token rates."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step")
+
+    def __call__(self, trainer: Trainer, batch: dict[str, Any], m: dict[str, Any]) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(
+            loss=f"{m['loss']:.4f}",
+            tok_s=f"{m['tokens_per_s']:.0f}",
+            loss_tok_s=f"{m['loss_tokens_per_s']:.0f}",
+        )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def log_metrics(log: IO[str]) -> Any:
+    """A hook that appends each step's metrics to ``log`` as a JSON line, flushed."""
+
+    def hook(trainer: Trainer, batch: dict[str, Any], m: dict[str, Any]) -> None:
+        log.write(json.dumps(m) + "\n")
+        log.flush()
+
+    return hook
+
+
+def every(interval: int, action: Any) -> Any:
+    """A hook that calls ``action(trainer, metrics)`` every ``interval`` steps."""
+
+    def hook(trainer: Trainer, batch: dict[str, Any], m: dict[str, Any]) -> None:
+        if interval and m["step"] % interval == 0:
+            action(trainer, m)
+
+    return hook
+
+
+# --- the train command --------------------------------------------------------------------
+
+
+def run(tc: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Train, then write ``tc.out`` (adapter or weights, metrics.jsonl, loss.png,
+    train_config.json, summary.json). Returns the summary. Raises TrainingDiverged on a
+    non-finite loss. A float64 ``dtype`` or ``param_dtype`` runs in JAX's 64-bit mode."""
+    x64 = "float64" in (tc.engine.dtype, tc.engine.param_dtype)
+    with jax.enable_x64(True) if x64 else contextlib.nullcontext():
+        return _run(tc, progress)
+
+
+def _run(tc: TrainConfig, progress: bool) -> dict[str, Any]:
+    out, work = Path(tc.out), tc.work_dir()
+    if out.exists() and not tc.overwrite:
+        raise FileExistsError(f"{out}: exists (pass --overwrite to replace it)")
+    if work.exists() and not tc.resume:
+        if not tc.overwrite:
+            raise FileExistsError(
+                f"{work}: an unfinished run for {out} (pass --resume to continue it, "
+                "or --overwrite to start again)"
+            )
+        shutil.rmtree(work)
+    if bnb.is_nf4_checkpoint(tc.model) and tc.method != "qlora":
+        raise ValueError(
+            f"{tc.model}: a 4-bit (NF4) checkpoint; --method {tc.method} needs the float "
+            "checkpoint (use --method qlora to train adapters beside the NF4 base)"
+        )
+    base_cfg = hf.load_config(tc.model)
+    max_length = resolve_max_length(tc.data_config.max_length, base_cfg.max_seq_len)
+    tc = dataclasses.replace(  # as the run uses it, which train_config.json records
+        tc,
+        data_config=dataclasses.replace(tc.data_config, max_length=max_length),
+        lora=tc.lora if tc.method == "full" else resolve_lora(tc.lora, base_cfg),
+    )
+    resuming = tc.resume and (work / "checkpoint").exists()
+    record = run_record(tc)
+    if resuming:
+        check_unchanged(work, record)
+    cfg, model = load_pretrained(tc.model, None if tc.method == "full" else tc.lora, tc.engine)
+    rows, held, tok, stats = prepare_rows(tc, max_length, cfg.vocab_size)
+    pad_id = tok.pad_id if tok is not None else None  # token-id data may come without one
+    buckets = bucket_lengths(max_length)
+    dc = tc.data_config
+    total = tc.steps or tc.epochs * num_batches(len(rows), dc.batch_size, dc.grad_accum)
+    trainer = Trainer.create(model, tc.optim.for_steps(total), dropout_seed=tc.seed)
+    work.mkdir(parents=True, exist_ok=True)
+    metrics_path = work / "metrics.jsonl"
+    last: dict[str, Any] = {}
+    if resuming:
+        trainer.params, trainer.opt_state, meta = load_train_state(
+            work / "checkpoint", trainer.params, trainer.opt_state
+        )
+        trainer.step_count = int(meta["step"])
+        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+        kept = [x for x in lines if json.loads(x)["step"] <= trainer.step_count]
+        metrics_path.write_text("".join(x + "\n" for x in kept))
+        last = json.loads(kept[-1]) if kept else {}
+    else:  # the record a later --resume is checked against
+        metrics_path.write_text("")
+        for name, value in record.items():
+            files.write_json(work / name, value)
+
+    def held_loss(trainer: Trainer, m: dict[str, Any]) -> None:
+        m["eval_loss"] = eval_loss(trainer.model(), eval_batches(held, dc, buckets, pad_id))[0]
+
+    def checkpoint(trainer: Trainer, m: dict[str, Any]) -> None:
+        if m["step"] % tc.checkpoint_interval == 0 or m["step"] == total:
+            save_train_state(
+                work / "checkpoint", trainer.params, trainer.opt_state, {"step": m["step"]}
+            )
+
+    bar = Progress(total, trainer.step_count, progress)
+    with metrics_path.open("a") as log:
+        try:
+            history = fit(
+                trainer,
+                epoch_batches(trainer, rows, dc, buckets, seed=tc.seed, pad_id=pad_id),
+                steps=total,
+                hooks=[
+                    Throughput(),
+                    every(tc.eval_interval if held else 0, held_loss),
+                    log_metrics(log),
+                    bar,
+                    every(1, checkpoint),
+                ],
+            )
+        except TrainingDiverged as e:
+            raise TrainingDiverged(f"{e}; last good checkpoint kept in {work}") from None
+    bar.close()
+    last = history[-1] if history else last
+    summary = run_summary(trainer.model(), stats, trainer.step_count, last)
+    if held:
+        summary["eval_loss"], summary["eval_tokens"] = eval_loss(
+            trainer.model(), eval_batches(held, dc, buckets, pad_id)
+        )
+    with files.atomic_dir(out, tc.overwrite) as tmp:
+        final = trainer.model()
+        if tc.method == "full":
+            hf.save_model(to_spec(final), cfg, tmp / "model", tokenizer_from=tc.model)
+            move_into(tmp / "model", tmp)
+        else:
+            save_adapter(final, tmp / "adapter", base_model=tc.model)
+            move_into(tmp / "adapter", tmp)
+        shutil.copy2(metrics_path, tmp / "metrics.jsonl")
+        shutil.copy2(work / "train_config.json", tmp / "train_config.json")  # as first started
+        files.write_json(tmp / "summary.json", summary)
+        plot_loss(tmp / "metrics.jsonl", tmp / "loss.png")
+    shutil.rmtree(work)
+    return summary
+
+
+def eval_batches(
+    rows: list[Row], dc: DataConfig, buckets: list[int], pad_id: int | None
+) -> Iterator[dict[str, Any]]:
+    """The held-out rows in batches of ``dc.batch_size``, in order."""
+    return batches(rows, dc.batch_size, 1, buckets, seed=0, epoch=0, pad_id=pad_id)
+
+
+def move_into(src: Path, dst: Path) -> None:
+    """Move every file of the directory ``src`` into ``dst``, then remove ``src``."""
+    for f in src.iterdir():
+        f.rename(dst / f.name)
+    src.rmdir()
+
+
+def run_record(tc: TrainConfig) -> dict[str, Any]:
+    """What a run's work directory records when it starts, for ``--resume`` to check:
+    ``train_config.json`` (every field, as resolved for the model) and ``inputs.json``
+    (size and sha256 of the data file and of the model's ``config.json``)."""
+    return {
+        "train_config.json": json.loads(json.dumps(dataclasses.asdict(tc))),
+        "inputs.json": {
+            "data": _file_id(Path(tc.data)),
+            "model_config": _file_id(Path(tc.model) / "config.json"),
+        },
+    }
+
+
+def _file_id(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+RESUME_EXEMPT = ("resume", "overwrite", "checkpoint_interval")  # may change on --resume
+
+
+def leaves(record: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config's leaf fields by name: ``{"lora": {"rank": 8}}`` -> ``{"rank": 8}``;
+    a name two sections share is given with its path (``lora.seed``)."""
+
+    def walk(tree: dict[str, Any], prefix: tuple[str, ...]) -> Iterator[tuple[tuple, Any]]:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from walk(value, (*prefix, key))
+            else:
+                yield (*prefix, key), value
+
+    paths = dict(walk(record, ()))
+    names = [path[-1] for path in paths]
+    return {
+        path[-1] if names.count(path[-1]) == 1 else ".".join(path): value
+        for path, value in paths.items()
+    }
+
+
+def check_unchanged(work: Path, record: dict[str, Any]) -> None:
+    """Refuse to resume the run in ``work`` when its config or inputs differ from
+    ``record`` (``run_record`` of the resuming config), naming each change."""
+    changes = []
+    for name in record:
+        if not (work / name).is_file():
+            raise ValueError(
+                f"--resume: {work / name} is missing, so the unfinished run cannot be checked "
+                "(pass --overwrite to start again)"
+            )
+    then = leaves(json.loads((work / "train_config.json").read_text()))
+    now = leaves(record["train_config.json"])
+    for key in sorted(set(then) | set(now)):
+        if key not in RESUME_EXEMPT and then.get(key) != now.get(key):
+            changes.append(f"{key} changed from {then.get(key)!r} to {now.get(key)!r}")
+    inputs = json.loads((work / "inputs.json").read_text())
+    for key, what in (("data", "data file"), ("model_config", "model config")):
+        a, b = inputs.get(key, {}), record["inputs.json"][key]
+        if (a.get("bytes"), a.get("sha256")) != (b["bytes"], b["sha256"]):
+            changes.append(
+                f"{what} {b['path']} changed (size {a.get('bytes')} -> {b['bytes']} bytes, "
+                f"sha256 {str(a.get('sha256'))[:12]}... -> {b['sha256'][:12]}...)"
+            )
+    if changes:
+        raise ValueError(
+            f"--resume: {'; '.join(changes)} since the checkpoint in {work} "
+            "(resume with the same config and data, or pass --overwrite to start again)"
+        )
+
+
+def run_summary(
+    model: Model, stats: dict[str, Any], steps: int, last: dict[str, Any]
+) -> dict[str, Any]:
+    """What ``summary.json`` holds: data statistics, steps, trainable and base parameters,
+    the base's weight memory in 16-bit and in NF4 at the engine's block size (with and
+    without double quantization), peak memory and the final train loss."""
+    cfg, eng = model.cfg, model.eng
+    trainable = trainable_params(model)  # the selected layers' adapters only
+    base = hf.n_params(cfg)
+    proj = sum(int(np.prod(s)) for s in (*attn_shapes(cfg).values(), *mlp_shapes(cfg).values()))
+    proj *= cfg.n_layers
+
+    def gib(bits_per_proj_param: float) -> float:
+        return ((base - proj) * 16 + proj * bits_per_proj_param) / 8 / 2.0**30
+
+    peak, source = peak_memory()
+    return {
+        **stats,
+        "steps": steps,
+        "trainable_params": trainable,
+        "trainable_percent": 100.0 * trainable / base,
+        "base_params": base,
+        "nf4_blocksize": eng.nf4_blocksize,
+        "double_quant": eng.double_quant,
+        "base_weight_gib": {
+            "16-bit": gib(16.0),
+            "nf4": gib(nf4_bits_per_param(eng.nf4_blocksize, False)),
+            "nf4_double_quant": gib(nf4_bits_per_param(eng.nf4_blocksize, True)),
+        },
+        "peak_memory_bytes": peak,
+        "peak_memory_source": source,
+        "final_train_loss": last.get("loss"),
+    }
+
+
+def peak_memory() -> tuple[int, str]:
+    """``(bytes, source)``: the first device's peak where the backend reports it (GPU, TPU;
+    source ``"device"``), else the process's peak resident set size (CPU; ``"process_rss"``).
+    """
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device"
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return int(rss) * (1 if sys.platform == "darwin" else 1024), "process_rss"
+
+
+def plot_loss(metrics: Path, png: Path) -> None:
+    """Train (and eval) loss against step, as a PNG."""
+    plot_losses({"train": metrics}, png)
+
+
+def plot_losses(runs: dict[str, Path], png: Path) -> None:
+    """The train loss of each run's ``metrics.jsonl`` against step (and its eval loss, where
+    logged), as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    for label, metrics in runs.items():
+        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label)
+        ev = [r for r in rows if "eval_loss" in r]
+        if ev:
+            ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean token loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
