@@ -110,12 +110,22 @@ class EngineConfig:
     double_quant: bool = field(
         default=True, metadata={"help": "quantize the NF4 absmax too (8-bit, blocks of 256)"}
     )
+    loss_chunk: int = field(
+        default=512,
+        metadata={
+            "help": "positions per chunk of the training loss: longer rows make their float32 "
+            "[B, chunk, V] logits one chunk at a time, recomputed for the backward pass "
+            "(0: the whole row at once)"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("param_dtype", "dtype"):  # jnp.bfloat16 -> "bfloat16"
             if not isinstance(getattr(self, name), str):
                 object.__setattr__(self, name, jnp.dtype(getattr(self, name)).name)
         check_fields(self)
+        if isinstance(self.loss_chunk, bool) or not self.loss_chunk >= 0:
+            raise ValueError(f"EngineConfig.loss_chunk: expected >= 0, got {self.loss_chunk!r}")
 
 
 def lora_targets(

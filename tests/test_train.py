@@ -272,3 +272,32 @@ def test_prompts_take_no_loss_and_segments_see_nothing_of_each_other() -> None:
     )
     np.testing.assert_array_equal(np.asarray(logits2)[0, 5:9], np.asarray(logits)[0, 5:9])
     assert not np.allclose(np.asarray(logits2)[0, :5], np.asarray(logits)[0, :5])
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_chunked_loss_steps_equal_the_whole_loss(method: str) -> None:
+    """Three steps with the loss in chunks of 3 positions (T - 1 = 6 predicted positions; a
+    chunk of 512, the default, or 0 takes the whole row) give the losses and parameters of the
+    whole-row loss, in float64, dropout and padding included."""
+    from jax_impl.model import EngineConfig, from_spec
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(31)
+        params, cfg, lcfg = make_case("llama-gqa-rope3", method, rng, dropout=0.2, spread=0.3)
+        data = batches(rng, 3)
+        opt = OptimConfig(lr=3e-2, total_steps=4)
+        runs = {}
+        for chunk in (0, 3, 512):
+            eng = EngineConfig(
+                param_dtype="float64", dtype="float64", quantize=method == "qlora", loss_chunk=chunk
+            )
+            trainer = Trainer.create(from_spec(params, cfg, lcfg, eng), opt, dropout_seed=2)
+            losses = [float(trainer.step(b)["loss"]) for b in data]
+            runs[chunk] = (losses, dict(leaves(to_spec(trainer.model()))))
+        for chunk in (3, 512):
+            np.testing.assert_allclose(runs[chunk][0], runs[0][0], rtol=1e-12)
+            for path, want in runs[0][1].items():
+                if isinstance(want, np.ndarray):
+                    np.testing.assert_allclose(runs[chunk][1][path], want, rtol=1e-9, atol=1e-14)
+    with pytest.raises(ValueError, match="EngineConfig.loss_chunk: expected >= 0, got -1"):
+        EngineConfig(loss_chunk=-1)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ..layers import cross_entropy
+from ..layers import chunked_cross_entropy, cross_entropy
 from ..model import Model
 
 Array = jax.Array
@@ -129,14 +129,19 @@ def token_loss_sum(
 ) -> tuple[Array, Array]:
     """``(sum of token losses, counted tokens)`` of one batch ``[B, T]``."""
     model = nnx.merge(graphdef, params, rest)
-    logits = model(
+    x, _ = model.hidden_states(
         batch["input_ids"],
         positions=batch.get("positions"),
         attention_mask_2d=batch.get("attention_mask"),
         segment_ids=batch.get("segment_ids"),
         dropout_key=key,
-    )
-    loss, count = cross_entropy(logits[:, :-1], batch["labels"][:, 1:])
+    )  # [B,T,D]
+    x, targets = x[:, :-1], batch["labels"][:, 1:]  # position t predicts label t + 1
+    chunk = model.eng.loss_chunk
+    if 0 < chunk < x.shape[1]:  # never the whole [B, T, V] logits
+        loss, count = chunked_cross_entropy(x, model.logits, targets, chunk)
+    else:
+        loss, count = cross_entropy(model.logits(x), targets)
     return loss * count, count
 
 
