@@ -7,7 +7,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from jax_impl.apps.cli import build_parser, main, train_config
 from jax_impl.apps.demo import (
@@ -16,11 +18,12 @@ from jax_impl.apps.demo import (
     TASK_TRAIN,
     DemoConfig,
     answer,
+    finetune,
     recipe,
     run_demo,
     table,
 )
-from jax_impl.apps.train import leaves
+from jax_impl.apps.train import leaves, run
 from ref_numpy.config import LoraConfig, attn_shapes, mlp_shapes
 from ref_numpy.formats import hf as hf_io
 
@@ -83,6 +86,25 @@ def test_model_comes_from_the_adapter_or_is_required(
     (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "org/model"}')
     assert main(["eval", "--adapter", str(tmp_path), "--data", "d.jsonl"]) == 2
     assert "'org/model' is not a local directory; pass --model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_demo_fine_tune_is_the_train_command(tmp_path: Path, method: str) -> None:
+    """The demo trains by ``fit`` in memory; ``qlora-spec train`` with the same recipe is a job
+    around the same steps, so both give the same losses and the same adapter, bit for bit."""
+    model, seconds = finetune(method, DemoConfig(steps=3), tmp_path / "demo")
+    run(recipe(method, 3, tmp_path / "train"), progress=False)
+    demo = load_file(tmp_path / "demo" / "adapter_model.safetensors")
+    train = load_file(tmp_path / "train" / "adapter_model.safetensors")
+    assert sorted(demo) == sorted(train) and len(demo) > 0
+    for name in demo:
+        np.testing.assert_array_equal(demo[name], train[name], err_msg=name)
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").open()]
+        for d in ("demo", "train")
+    ]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    assert model.lora is not None and seconds > 0
 
 
 @pytest.mark.slow

@@ -29,8 +29,9 @@ from ref_numpy.formats import files, hf
 
 from ..generate import generate_many
 from ..model import EngineConfig, Model, trainable_params
-from ..train.checkpoint import load_pretrained
-from ..train.data import load_tokenizer, read_jsonl
+from ..train.checkpoint import load_pretrained, save_adapter
+from ..train.data import bucket_lengths, load_tokenizer, read_jsonl
+from ..train.trainer import Trainer, fit
 from . import corpus
 
 ASSETS = Path(__file__).parents[1] / "assets"
@@ -137,14 +138,41 @@ def recipe(method: str, steps: int, out: Path) -> Any:
     return build(TrainConfig, from_keys({**paths, **keys}, TrainConfig, "demo.RECIPE"), "demo")
 
 
-def finetune(method: str, dc: DemoConfig, out: Path) -> float:
-    """Train an adapter into ``out``; returns the wall-clock seconds (compiles included)."""
-    from .train import run
+def finetune(method: str, dc: DemoConfig, out: Path) -> tuple[Model, float]:
+    """Fine-tune the base with ``method`` by ``fit`` on the task's train split, in memory;
+    writes the adapter (PEFT files) and its ``metrics.jsonl`` into ``out``. Returns the
+    trained model and the wall-clock seconds of training (compiles included). The steps are
+    those of ``qlora-spec train`` with the same recipe, batch for batch."""
+    from .train import (
+        Throughput,
+        epoch_batches,
+        prepare_rows,
+        resolve_lora,
+        resolve_max_length,
+    )
 
     tc = recipe(method, dc.steps, out)
+    base_cfg = hf.load_config(tc.model)
+    max_length = resolve_max_length(tc.data_config.max_length, base_cfg.max_seq_len)
+    cfg, model = load_pretrained(tc.model, resolve_lora(tc.lora, base_cfg), tc.engine)
+    rows, _, tok, _ = prepare_rows(tc, max_length, cfg.vocab_size)
+    steps = tc.steps or 1  # the recipe always sets them
+    trainer = Trainer.create(model, tc.optim.for_steps(steps), dropout_seed=tc.seed)
+    batches = epoch_batches(
+        trainer,
+        rows,
+        tc.data_config,
+        bucket_lengths(max_length),
+        seed=tc.seed,
+        pad_id=tok.pad_id if tok is not None else None,
+    )
     t = time.perf_counter()
-    run(tc, progress=False)
-    return time.perf_counter() - t
+    history = fit(trainer, batches, steps=steps, hooks=[Throughput()])
+    seconds = time.perf_counter() - t
+    trained = trainer.model()
+    save_adapter(trained, out, base_model=tc.model)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
+    return trained, seconds
 
 
 def run_demo(dc: DemoConfig, log: Any = print) -> list[Result]:
@@ -174,10 +202,7 @@ def run_demo(dc: DemoConfig, log: Any = print) -> list[Result]:
 
         for method, label in (("lora", "LoRA"), ("qlora", "QLoRA")):
             log(f"fine-tuning with {label} for {dc.steps} steps ...")
-            seconds = finetune(method, dc, tmp / method)
-            _, model = load_pretrained(
-                BASE, None, EngineConfig(quantize=method == "qlora"), adapter_dir=tmp / method
-            )
+            model, seconds = finetune(method, dc, tmp / method)
             em, answers = score(model, tok, [e["prompt"] for e in held], targets, dc.batch_size)
             results.append(
                 Result(
