@@ -118,6 +118,15 @@ def test_equals_load_pretrained_on_one_device(
         assert got.eng.quantize and got.eng.double_quant == (ckpt == "llama-nf4")
 
 
+def test_other_nf4_settings_quantize_as_load_pretrained(checkpoints: Path) -> None:
+    eng = EngineConfig(quantize=True, double_quant=False, nf4_blocksize=128)
+    _, want = load_pretrained(checkpoints / "llama", None, eng)
+    _, got = load_sharded(checkpoints / "llama", None, eng, one_device_mesh())
+    assert "layers.attn.q_proj.kernel.offset" not in flat(got)
+    assert flat(got)["layers.attn.q_proj.kernel.absmax"].shape == (2, 32 * 32 // 128)
+    assert_same(got, want)
+
+
 def test_bfloat16_params_cast_as_load_pretrained_casts(checkpoints: Path) -> None:
     eng = EngineConfig(param_dtype="bfloat16")
     _, want = load_pretrained(checkpoints / "qwen2", LoraConfig(rank=2), eng)

@@ -19,7 +19,10 @@ logical-axis rules (``sharding.state_shardings``), without ever holding the mode
   one transformers + bitsandbytes save) is read as its stored bytes, block scales and tables.
 
 Host memory therefore peaks at the arrays already placed plus one device's piece (plus a
-file band); on an accelerator the placed arrays live in device memory. LoRA adapters are
+file band); on an accelerator the placed arrays live in device memory. Quantizing at load
+adds one layer's float32 weight of one projection, split over the devices, and XLA's
+compiled quantize programs (one per distinct weight size; on CPU with 8 simulated devices
+they and their runtime buffers cost a few hundred MB of host memory). LoRA adapters are
 drawn on the host as ``ref_numpy.lora.add_lora`` draws them (same seed, same order), which
 keeps them equal to ``load_pretrained``'s; they are small (rank R per projection).
 
