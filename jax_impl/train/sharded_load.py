@@ -264,7 +264,7 @@ def _nf4_sources(
     """Check an NF4 checkpoint as ``bnb.load_nf4_model`` does (same messages), reading only
     the quant states and code tables; give each projection's ``_NF4Source`` and the param
     paths in the order that loader fills its tree (which fixes the order of LoRA's draws)."""
-    qc = bnb._quant_config_of(model_dir)
+    qc = bnb.quant_config_of(model_dir)
     where = model_dir / "config.json"
     assert qc is not None  # is_nf4_checkpoint said so
     for key, want in (("bnb_4bit_quant_type", bnb.QUANT_TYPE), ("bnb_4bit_quant_storage", "uint8")):
@@ -273,7 +273,7 @@ def _nf4_sources(
                 f"{where}: unsupported {key}={qc[key]!r} (only {want!r} is read here)"
             )
     files = {name: e.file for name, e in entries.items()}
-    owner, nf4_parts = bnb._plan(cfg, files, model_dir)
+    owner, nf4_parts = bnb.plan(cfg, files, model_dir)
     sources: dict[str, _NF4Source] = {}
     for t in hf.hf_tensors(cfg):
         if t.name not in nf4_parts:

@@ -96,7 +96,7 @@ def quantization_config(double_quant: bool, compute_dtype: ComputeDtype) -> dict
     }
 
 
-def _quant_config_of(model_dir: Path) -> dict[str, Any] | None:
+def quant_config_of(model_dir: Path) -> dict[str, Any] | None:
     """The bnb 4-bit ``quantization_config`` of ``model_dir/config.json``, or None."""
     try:
         hf = json.loads((model_dir / "config.json").read_text())
@@ -114,7 +114,7 @@ def is_nf4_checkpoint(model_dir: str | os.PathLike[str]) -> bool:
     Any 4-bit quant type answers True (fp4 too), so that ``load_nf4_model`` is the one to refuse
     what it cannot read, with a message that says why. No or unreadable config.json: False.
     """
-    return _quant_config_of(Path(model_dir)) is not None
+    return quant_config_of(Path(model_dir)) is not None
 
 
 # --- one quantized weight -------------------------------------------------------------
@@ -451,7 +451,7 @@ def quantize_model(
 # --- reading --------------------------------------------------------------------------
 
 
-def _plan(
+def plan(
     cfg: ModelConfig, files: dict[str, Path], model_dir: Path
 ) -> tuple[dict[str, tuple[HFTensor, str]], dict[str, set[str]]]:
     """Map each file tensor to ``(its param entry, part)``; list each NF4 weight's parts.
@@ -506,7 +506,7 @@ def _iter_values(
 ) -> Iterator[tuple[tuple[Any, ...], Any]]:
     """``(param path, value)`` of each entry, NF4 weights once all their parts are read."""
     files = hf.weight_files(model_dir)
-    owner, nf4_parts = _plan(cfg, files, model_dir)
+    owner, nf4_parts = plan(cfg, files, model_dir)
     pending: dict[str, dict[str, tuple[Path, np.ndarray]]] = {}
     wanted = {n: f for n, f in files.items() if n in owner}
     for name, array in hf.iter_tensors(wanted):
@@ -542,7 +542,7 @@ def load_nf4_model(
     """
     model_dir = Path(model_dir)
     cfg = hf.load_config(model_dir)
-    qc = _quant_config_of(model_dir)
+    qc = quant_config_of(model_dir)
     where = model_dir / "config.json"
     if qc is None:
         raise CheckpointError(
