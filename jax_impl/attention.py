@@ -5,9 +5,14 @@ Two implementations of ``softmax(Q K^T / sqrt(H) + mask) V``, selectable per mod
 * ``"einsum"`` spells out the spec's einsums (``"BTKGH,BSKH->BKGTS"``): the reference path,
   any backend, any dtype.
 * ``"xla"`` / ``"cudnn"`` call ``jax.nn.dot_product_attention`` (cuDNN's fused flash kernel on
-  GPUs with ``"cudnn"``). Both take K/V with fewer heads than Q directly.
+  GPUs with ``"cudnn"``). Both take K/V with fewer heads than Q directly. A plain causal mask
+  (no padding, packing, window or cache) is passed as ``is_causal`` rather than as a
+  ``[B, T, S]`` mask, which cuDNN would otherwise turn into a dense additive bias.
 
 Neither repeats K/V in memory. A query with no visible key gets zeros in both.
+
+The output of attention (before ``o_proj``) is named ``ATTN_OUT`` with
+``jax.ad_checkpoint.checkpoint_name``, so a rematerialisation policy can keep just it.
 
 Decoding keeps a ``KVCache``: the spec's ``past_kv`` grows by concatenation; here the keys and
 values of every layer live in one preallocated ``[L, B, S, K, H]`` buffer that each call
@@ -24,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ref_numpy.config import ModelConfig, attn_shapes
 from ref_numpy.positional import rope_attention_factor
@@ -34,6 +40,7 @@ from .positional import rope
 
 Array = jax.Array
 AttnImpl = Literal["einsum", "xla", "cudnn"]
+ATTN_OUT = "attn_out"  # checkpoint name of the attention output [B, T, N*H]
 
 
 def attention_mask(
@@ -119,21 +126,39 @@ class KVCache(NamedTuple):
         return self._replace(k=new_k, v=new_v)  # [L,B,S,K,H]
 
 
-def sdpa(q: Array, k: Array, v: Array, mask: Array, impl: AttnImpl = "einsum") -> Array:
+def sdpa(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array,
+    impl: AttnImpl = "einsum",
+    *,
+    causal_only: bool = False,
+) -> Array:
     """Scaled dot-product attention with grouped heads, as the spec's ``sdpa_forward``.
 
     Args:
       q: [B, T, N, H].
       k, v: [B, S, K, H] with K dividing N.
       mask: bool [B, T, S].
+      impl: ``"einsum"`` (the spec's lines), ``"xla"`` or ``"cudnn"``
+        (``jax.nn.dot_product_attention``).
+      causal_only: the caller vouches that ``mask`` is exactly the causal mask with T = S; the
+        fused paths then pass ``is_causal=True`` instead of the mask (the einsum path always
+        uses ``mask``).
     Returns:
       [B, T, N, H] in q's dtype. A query that may see no key gets zeros.
     """
     b, t, n, h = q.shape
     kv = k.shape[2]
     if impl != "einsum":
+        implementation = None if impl == "xla" else impl
+        if causal_only:  # every query sees at least itself: no empty rows
+            return jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation=implementation
+            )  # [B,T,N,H]
         out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask[:, None], implementation=None if impl == "xla" else impl
+            q, k, v, mask=mask[:, None], implementation=implementation
         )  # [B,T,N,H]
         return out * mask.any(axis=-1)[:, :, None, None].astype(out.dtype)  # empty rows -> 0
     acc = acc_dtype(q.dtype)  # scores, probabilities and their sums stay in float32 or wider
@@ -181,6 +206,7 @@ class Attention(nnx.Module):
         *,
         cache: KVCache | None = None,
         layer: Array | int = 0,
+        causal_only: bool = False,
     ) -> tuple[Array, KVCache | None]:
         """Project, normalise heads (Qwen3), rotate (RoPE), attend, merge heads, project.
 
@@ -192,6 +218,7 @@ class Attention(nnx.Module):
           keys: projection name -> dropout key (training), or None.
           cache: the keys and values of earlier positions (the spec's ``past_kv``); this
             call's are written at its ``length`` in row ``layer`` of its stacked buffers.
+          causal_only: ``mask`` is the plain causal mask (see ``sdpa``).
         Returns:
           [B, T, D] and the cache with this layer's new keys and values (None without one).
         """
@@ -218,8 +245,10 @@ class Attention(nnx.Module):
             k = cache.k[layer].astype(q.dtype)  # [B,S,K,H]
             v = cache.v[layer].astype(q.dtype)  # [B,S,K,H]
             impl = "xla" if impl == "cudnn" else impl  # cuDNN's flash kernel wants T == S
-        o = sdpa(q, k, v, mask, impl)  # [B,T,N,H]
+            causal_only = False
+        o = sdpa(q, k, v, mask, impl, causal_only=causal_only)  # [B,T,N,H]
         o = o.reshape(b, t, n * h)  # [B,T,N,H] -> [B,T,NH]
+        o = checkpoint_name(o, ATTN_OUT)  # what remat "attn_out" keeps
         y = self._proj("c_proj" if self.fused else "o_proj", o, keys)  # [B,T,NH] -> [B,T,D]
         return y, cache
 

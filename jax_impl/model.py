@@ -42,7 +42,7 @@ from ref_numpy.config import (
 from ref_numpy.lora import LORA_LEAVES, projections, selected_paths, selects
 from ref_numpy.nf4 import BLOCKSIZES, DEFAULT_BLOCKSIZE, NF4Tensor
 
-from .attention import Attention, AttnImpl, KVCache, attention_mask, layer_windows
+from .attention import ATTN_OUT, Attention, KVCache, attention_mask, layer_windows
 from .layers import (
     ACTIVATIONS,
     Frozen,
@@ -59,15 +59,21 @@ from .nf4 import NF4State
 from .positional import learned, rope_inv_freq, sinusoidal
 
 Array = jax.Array
-Remat = Literal["none", "full", "dots"]
+Remat = Literal["none", "full", "dots", "attn_out"]
+AttentionChoice = Literal["auto", "cudnn", "xla", "einsum"]
 
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "full": None,  # save nothing inside a block: recompute it all in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    "attn_out": jax.checkpoint_policies.save_only_these_names(ATTN_OUT),  # keep attention's
 }
 
 
 DType = Literal["float32", "bfloat16", "float64"]
+ComputeDType = Literal["auto", "float32", "bfloat16", "float64"]
+
+# Accelerators where "auto" computes in bfloat16 (their matrix units are built for it).
+BF16_BACKENDS = ("gpu", "tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,28 +81,43 @@ class EngineConfig:
     """How the engine runs a model (the spec has no counterpart: it is float64 NumPy).
 
     The dtypes are held by name; a dtype object (``jnp.bfloat16``) is accepted and stored as
-    its name, so the config is plain data (JSON, flags)."""
+    its name, so the config is plain data (JSON, flags). ``"auto"`` choices are resolved once,
+    when a ``Model`` is built (``resolve``); ``model.eng`` holds the resolved config.
+
+    Storage: trainable weights (the adapters; every weight in full fine-tuning), and with them
+    their gradients and AdamW's moments, are ``param_dtype``. Frozen float base weights
+    (LoRA / QLoRA: embeddings, norms, the head, the projection kernels under LoRA) are stored
+    in the narrower of ``param_dtype`` and ``dtype``: bfloat16 under bfloat16 compute, since
+    every use casts them to the compute dtype anyway. QLoRA's projection kernels are NF4.
+    Logits, the loss and every reduction stay float32 whatever the compute dtype.
+    """
 
     param_dtype: DType = field(
         default="float32",
-        metadata={"help": "dtype of the stored weights, adapters, gradients and AdamW state"},
+        metadata={"help": "dtype of the trainable weights (adapters), gradients and AdamW state"},
     )
-    dtype: DType = field(
-        default="float32",
-        metadata={"help": "compute dtype of matmuls and activations; float64 runs JAX in x64"},
-    )
-    attn_impl: AttnImpl = field(
-        default="einsum",
+    dtype: ComputeDType = field(
+        default="auto",
         metadata={
-            "help": "attention path: einsum (the spec's), xla (jax.nn.dot_product_attention) "
-            "or cudnn (flash attention on NVIDIA GPUs)"
+            "help": "compute dtype of matmuls and activations (auto: bfloat16 on GPU and TPU, "
+            "float32 on CPU); frozen base weights are stored in it when it is narrower than "
+            "--param-dtype; float64 runs JAX in x64"
+        },
+    )
+    attention: AttentionChoice = field(
+        default="auto",
+        metadata={
+            "help": "attention path: einsum (the spec's lines), xla "
+            "(jax.nn.dot_product_attention), cudnn (cuDNN flash attention, NVIDIA GPUs with "
+            "bfloat16 compute); auto picks cudnn where it applies and einsum elsewhere"
         },
     )
     remat: Remat = field(
         default="none",
         metadata={
             "help": "rematerialisation per block: none keeps every activation, full "
-            "recomputes the block in the backward pass, dots keeps the projections' outputs"
+            "recomputes the block in the backward pass, dots keeps the projections' outputs, "
+            "attn_out keeps only the attention output"
         },
     )
     quantize: bool = field(
@@ -126,6 +147,45 @@ class EngineConfig:
         check_fields(self)
         if isinstance(self.loss_chunk, bool) or not self.loss_chunk >= 0:
             raise ValueError(f"EngineConfig.loss_chunk: expected >= 0, got {self.loss_chunk!r}")
+
+    def resolve(self, cfg: ModelConfig, backend: str | None = None) -> EngineConfig:
+        """This config with ``dtype`` and ``attention`` made concrete for ``cfg`` on
+        ``backend`` (default: JAX's default backend, ``"cpu"``, ``"gpu"`` or ``"tpu"``).
+
+        ``dtype="auto"`` becomes bfloat16 on GPU and TPU, float32 elsewhere.
+        ``attention="auto"`` becomes ``"cudnn"`` on a GPU with bfloat16 compute and a head dim
+        cuDNN's flash kernel takes on every supported GPU (a multiple of 8, at most 128), and
+        ``"einsum"`` otherwise. An explicit ``"cudnn"`` off a GPU, or without bfloat16
+        compute, raises ValueError. Resolving a resolved config returns it unchanged.
+        """
+        backend = jax.default_backend() if backend is None else backend
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if backend in BF16_BACKENDS else "float32"
+        attention = self.attention
+        if attention == "cudnn" and backend != "gpu":
+            raise ValueError(
+                f"EngineConfig.attention (--attention) cudnn: cuDNN flash attention needs an "
+                f"NVIDIA GPU, and JAX's backend is {backend!r}; use auto, xla or einsum"
+            )
+        if attention == "cudnn" and dtype != "bfloat16":
+            raise ValueError(
+                f"EngineConfig.attention (--attention) cudnn: cuDNN flash attention computes "
+                f"in bfloat16, and the compute dtype (--dtype) is {dtype!r}"
+            )
+        if attention == "auto":
+            takes = cfg.hd % 8 == 0 and cfg.hd <= 128
+            attention = "cudnn" if backend == "gpu" and dtype == "bfloat16" and takes else "einsum"
+        return dataclasses.replace(self, dtype=dtype, attention=attention)
+
+    @property
+    def frozen_dtype(self) -> str:
+        """Storage dtype of frozen float base weights: the narrower of ``param_dtype`` and the
+        (resolved) compute ``dtype``."""
+        if self.dtype == "auto":
+            raise ValueError("EngineConfig.dtype: 'auto' is resolved when the model is built")
+        narrower = jnp.dtype(self.dtype).itemsize < jnp.dtype(self.param_dtype).itemsize
+        return self.dtype if narrower else self.param_dtype
 
 
 def lora_targets(
@@ -221,7 +281,7 @@ class Block(nnx.Module):
         self.attn = Attention(
             cfg,
             make,
-            impl=eng.attn_impl,
+            impl=eng.attention,  # type: ignore[arg-type]  # resolved by Model
             make_norm=lambda d: Norm(
                 d, "rmsnorm", cfg.norm_eps, base, jnp.dtype(eng.param_dtype), "head_dim"
             ),
@@ -239,13 +299,24 @@ class Block(nnx.Module):
         *,
         cache: KVCache | None = None,
         layer: Array | int = 0,
+        causal_only: bool = False,
     ) -> tuple[Array, KVCache | None]:
         """[B, T, D] -> [B, T, D], and the cache with this layer's keys and values written
-        (see ``Attention.__call__``); ``key`` is the layer's dropout key, or None."""
+        (see ``Attention.__call__``); ``key`` is the layer's dropout key, or None;
+        ``causal_only``: ``mask`` is the plain causal mask (see ``attention.sdpa``)."""
         keys = module_keys(key)
 
         def attn(h: Array) -> tuple[Array, KVCache | None]:
-            return self.attn(h, positions, mask, inv_freq, keys["attn"], cache=cache, layer=layer)
+            return self.attn(
+                h,
+                positions,
+                mask,
+                inv_freq,
+                keys["attn"],
+                cache=cache,
+                layer=layer,
+                causal_only=causal_only,
+            )
 
         if self.pre:
             h = self.attn_norm(x)  # [B,T,D]
@@ -299,7 +370,9 @@ class Model(nnx.Module):
     Args:
       cfg: architecture (shared with the spec).
       lora: adapter config, or None for full fine-tuning.
-      eng: dtypes, attention path, remat policy, NF4 settings.
+      eng: dtypes, attention path, remat policy, NF4 settings; its ``"auto"`` choices are
+        resolved here for JAX's default backend (``EngineConfig.resolve``), and ``self.eng``
+        holds the resolved config, so ``model.eng.attention`` says which path runs.
     """
 
     def __init__(
@@ -310,7 +383,7 @@ class Model(nnx.Module):
         *,
         rngs: nnx.Rngs,
     ) -> None:
-        eng = EngineConfig() if eng is None else eng
+        eng = (EngineConfig() if eng is None else eng).resolve(cfg)
         base = nnx.Param if lora is None and not eng.quantize else Frozen
         self.cfg, self.lora, self.eng = cfg, lora, eng
         self.embed = Table(
@@ -356,6 +429,15 @@ class Model(nnx.Module):
                 dtype=jnp.dtype(eng.dtype),
                 rngs=rngs,
             )
+        if eng.frozen_dtype != eng.param_dtype:
+            self._store_frozen(jnp.dtype(eng.frozen_dtype))
+
+    def _store_frozen(self, dtype: jnp.dtype) -> None:
+        """Frozen float base weights (the norms, embeddings and head too) stored in
+        ``dtype``; NF4 state and trainable weights keep theirs."""
+        for _, var in nnx.iter_graph(self):
+            if isinstance(var, Frozen) and jnp.issubdtype(var.get_value().dtype, jnp.floating):
+                var.set_value(var.get_value().astype(dtype))
 
     @overload
     def __call__(
@@ -452,6 +534,8 @@ class Model(nnx.Module):
         inv_freq = rope_inv_freq(cfg)  # [H/2] or None
         keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_layers)
         windows = layer_windows(cfg)  # [L] sliding windows, scanned with the layers, or None
+        plain = cache is None and attention_mask_2d is None and segment_ids is None
+        causal_only = plain and windows is None  # the fused attention paths take is_causal
         layers = None if cache is None else jnp.arange(cfg.n_layers, dtype=jnp.int32)  # [L]
 
         # Scan over the stacked blocks: one block's program, traced and compiled once.
@@ -468,7 +552,7 @@ class Model(nnx.Module):
                 m = mask & attention_mask(b, t, s, window=window, start=start)
             block = nnx.merge(graphdef, layer_state)
             if layer is None:
-                return block(x, positions, m, inv_freq, key), None
+                return block(x, positions, m, inv_freq, key, causal_only=causal_only), None
             return block(x, positions, m, inv_freq, key, cache=cache, layer=layer), None
 
         if eng.remat != "none" and cache is None:  # decoding keeps no activations to remat

@@ -1,7 +1,12 @@
-"""Engine options held to the spec: attention paths, packed masks, remat policies, and the
-logical axis names every variable carries."""
+"""Engine options held to the spec: attention paths and how "auto" picks one, compute and
+storage dtypes, packed masks, remat policies, optimizer offload, and the logical axis names
+every variable carries."""
 
 from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +14,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_impl.model import EngineConfig, Model, from_spec, lora_targets
-from ref_numpy.config import LoraConfig
+from jax_impl.attention import attention_mask, sdpa
+from jax_impl.model import EngineConfig, Model, Remat, from_spec, lora_targets
+from jax_impl.train.trainer import (
+    OptimConfig,
+    Trainer,
+    _sum_and_grad,
+    check_host_offload,
+    fit,
+)
+from ref_numpy.config import LoraConfig, ModelConfig, llama_config
 from ref_numpy.model import model_forward
 from tests.helpers import RTOL, rel_err
 from tests.test_model import CONFIGS, V, random_params
@@ -39,7 +52,7 @@ def test_attention_paths_with_packed_and_padded_rows(name: str, impl: str) -> No
     ref, _ = model_forward(
         params, cfg, data["ids"], **{k: v for k, v in data.items() if k != "ids"}
     )
-    model = from_spec(params, cfg, None, EngineConfig(attn_impl=impl))  # type: ignore[arg-type]
+    model = from_spec(params, cfg, None, EngineConfig(attention=impl))  # type: ignore[arg-type]
     out = model(
         jnp.asarray(data["ids"]), **{k: jnp.asarray(v) for k, v in data.items() if k != "ids"}
     )
@@ -48,18 +61,31 @@ def test_attention_paths_with_packed_and_padded_rows(name: str, impl: str) -> No
 
 
 def test_remat_policies_give_the_same_gradients() -> None:
-    params, cfg, lcfg = make_case("llama-gqa-rope3", "lora", np.random.default_rng(12))
+    """Every policy, LoRA and QLoRA, in float64: the loss and every gradient leaf equal those
+    without rematerialisation (the recomputed forward is the same program) to 1e-10."""
     rng = np.random.default_rng(13)
     ids = rng.integers(0, V, size=(B, T))
     data = {"ids": ids, "labels": ids, "attention_mask_2d": np.ones((B, T), dtype=int)}
-    results = {}
-    for remat in ("none", "full", "dots"):
-        model = from_spec(params, cfg, lcfg, EngineConfig(remat=remat))  # type: ignore[arg-type]
-        results[remat] = engine_loss_and_grads(model, data, None, jax.jit)
-    for remat in ("full", "dots"):
-        assert results[remat][0] == pytest.approx(results["none"][0], rel=1e-6)
-        for path, g in results["none"][1].items():
-            assert rel_err(results[remat][1][path], g) <= RTOL["float32"], (remat, path)
+    with jax.enable_x64(True):
+        _remat_case(data)
+
+
+def _remat_case(data: dict[str, np.ndarray]) -> None:
+    for method in ("lora", "qlora"):
+        params, cfg, lcfg = make_case("llama-gqa-rope3", method, np.random.default_rng(12))
+        results = {}
+        for remat in typing.get_args(Remat):
+            eng = EngineConfig(
+                param_dtype="float64", dtype="float64", remat=remat, quantize=method == "qlora"
+            )
+            results[remat] = engine_loss_and_grads(
+                from_spec(params, cfg, lcfg, eng), data, None, jax.jit
+            )
+        assert set(results) == {"none", "full", "dots", "attn_out"}
+        for remat, (loss, grads) in results.items():
+            assert loss == pytest.approx(results["none"][0], rel=RTOL["float64"]), remat
+            for path, g in results["none"][1].items():
+                assert rel_err(grads[path], g) <= RTOL["float64"], (method, remat, path)
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
@@ -128,8 +154,12 @@ def test_lora_targets_per_layer() -> None:
 
 
 def test_engine_config_validation() -> None:
-    with pytest.raises(ValueError, match=r"EngineConfig.attn_impl: expected one of"):
-        EngineConfig(attn_impl="flash")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"EngineConfig.dtype: expected one of"):
+        EngineConfig(dtype="float16")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"EngineConfig.param_dtype: expected one of"):
+        EngineConfig(param_dtype="auto")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"EngineConfig.attention: expected one of"):
+        EngineConfig(attention="flash")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"EngineConfig.remat"):
         EngineConfig(remat="some")  # type: ignore[arg-type]
 
@@ -149,3 +179,199 @@ def test_dropout_mask_is_inverted_dropout(rate: float) -> None:
     assert abs(kept - (1 - rate)) <= 4 * np.sqrt(rate * (1 - rate) / n), kept
     std_err = np.sqrt(rate / (1 - rate) / n)  # the mask's std is sqrt(rate / (1 - rate))
     assert abs(mask.mean() - 1.0) <= 4 * std_err, mask.mean()
+
+
+# --- "auto": what runs where --------------------------------------------------------------
+
+LLAMA = CONFIGS["llama-gqa-rope3"]  # head dim 4: not a width cuDNN's flash kernel takes
+WIDE = llama_config(
+    vocab_size=V, d_model=64, n_layers=2, d_ff=96, n_heads=4, n_kv_heads=2, max_seq_len=128
+)
+
+
+def test_auto_resolves_to_float32_einsum_on_cpu() -> None:
+    model = Model(LLAMA, None, EngineConfig(), rngs=nnx.Rngs(0))
+    assert (model.eng.dtype, model.eng.attention) == ("float32", "einsum")
+    assert jax.default_backend() != "cpu" or EngineConfig().resolve(WIDE) == EngineConfig(
+        dtype="float32", attention="einsum"
+    )
+    assert model(jnp.zeros((1, 3), jnp.int32)).dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype", "cfg", "want"),
+    [
+        ("gpu", "auto", WIDE, ("bfloat16", "cudnn")),  # head dim 16
+        ("gpu", "auto", LLAMA, ("bfloat16", "einsum")),  # head dim 4
+        ("gpu", "float32", WIDE, ("float32", "einsum")),  # cuDNN's kernel is 16-bit
+        ("gpu", "bfloat16", WIDE, ("bfloat16", "cudnn")),
+        ("tpu", "auto", WIDE, ("bfloat16", "einsum")),
+        ("cpu", "auto", WIDE, ("float32", "einsum")),
+        ("cpu", "bfloat16", WIDE, ("bfloat16", "einsum")),
+    ],
+)
+def test_auto_choices(backend: str, dtype: str, cfg: ModelConfig, want: tuple[str, str]) -> None:
+    eng = EngineConfig(dtype=dtype).resolve(cfg, backend)  # type: ignore[arg-type]
+    assert (eng.dtype, eng.attention) == want
+    assert eng.resolve(cfg, backend) == eng  # resolving again changes nothing
+    for explicit in ("xla", "einsum"):  # an explicit path is kept
+        got = EngineConfig(dtype=dtype, attention=explicit).resolve(cfg, backend)  # type: ignore[arg-type]
+        assert got.attention == explicit
+
+
+def test_explicit_cudnn_needs_a_gpu_and_bfloat16() -> None:
+    with pytest.raises(ValueError, match=r"--attention\) cudnn: .* backend is 'cpu'"):
+        EngineConfig(attention="cudnn").resolve(WIDE, "cpu")
+    with pytest.raises(ValueError, match=r"--attention\) cudnn: .*\(--dtype\) is 'float32'"):
+        EngineConfig(attention="cudnn", dtype="float32").resolve(WIDE, "gpu")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match=r"--attention"):
+            Model(WIDE, None, EngineConfig(attention="cudnn"), rngs=nnx.Rngs(0))
+
+
+def _qkv(cfg: ModelConfig, dtype: Any, t: int = 64) -> tuple[jax.Array, jax.Array, jax.Array]:
+    rng = np.random.default_rng(5)
+    q = rng.normal(size=(2, t, cfg.n_heads, cfg.hd))
+    k, v = (rng.normal(size=(2, t, cfg.n_kv, cfg.hd)) for _ in range(2))
+    return tuple(jnp.asarray(a, dtype) for a in (q, k, v))  # type: ignore[return-value]
+
+
+def test_plain_causal_mask_goes_to_the_fused_path_as_is_causal() -> None:
+    """``causal_only`` (no padding, packing, window or cache) gives what the mask gives."""
+    q, k, v = _qkv(WIDE, jnp.float32)
+    mask = attention_mask(2, 64, 64)
+    want = sdpa(q, k, v, mask, "einsum")
+    for impl in ("xla", "einsum"):
+        got = sdpa(q, k, v, mask, impl, causal_only=True)
+        assert rel_err(np.asarray(got), np.asarray(want)) <= RTOL["float32"], impl
+    wrong = sdpa(q, k, v, attention_mask(2, 64, 64, causal=False), "xla")
+    assert rel_err(np.asarray(wrong), np.asarray(want)) > 0.1  # the mask matters here
+
+
+@pytest.mark.skipif(
+    jax.default_backend() != "gpu",
+    reason=f"cuDNN flash attention needs an NVIDIA GPU; JAX's backend is {jax.default_backend()}",
+)
+def test_cudnn_attention_matches_einsum_in_bfloat16() -> None:
+    q, k, v = _qkv(WIDE, jnp.bfloat16, t=128)
+    mask = attention_mask(2, 128, 128)
+    want = np.asarray(sdpa(q, k, v, mask, "einsum"), np.float32)
+    for causal_only in (True, False):
+        got = sdpa(q, k, v, mask, "cudnn", causal_only=causal_only)
+        assert rel_err(np.asarray(got, np.float32), want) <= RTOL["bfloat16"], causal_only
+    model = Model(WIDE, None, EngineConfig(), rngs=nnx.Rngs(0))
+    assert model.eng.attention == "cudnn"
+
+
+# --- bfloat16 compute, float32 adapters, optimizer state and loss --------------------------
+
+
+def test_bfloat16_compute_keeps_adapters_state_and_loss_in_float32() -> None:
+    """Frozen base weights are stored bf16, adapters float32; the adapters' gradients, AdamW's
+    moments and the loss are float32, and the loss is the float32 model's to bf16 accuracy."""
+    lcfg = LoraConfig(rank=3, targets=("q_proj", "v_proj", "down_proj"))
+    ids = np.random.default_rng(2).integers(0, V, size=(1, B, T))
+    batch = {"input_ids": ids, "labels": ids}
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        model = Model(WIDE, lcfg, EngineConfig(dtype=dtype), rngs=nnx.Rngs(0))
+        kinds = {
+            (type(var).__name__, str(var.get_value().dtype))
+            for _, var in nnx.to_flat_state(nnx.state(model))
+        }
+        assert kinds == {("Frozen", dtype), ("LoRAParam", "float32")}, kinds
+        trainer = Trainer.create(model, OptimConfig(lr=1e-2, total_steps=4))
+        (loss, _), grads = jax.jit(_sum_and_grad, static_argnums=0)(
+            trainer.graphdef, trainer.params, trainer.rest, _micro(batch), KEY, jnp.asarray(0)
+        )
+        assert loss.dtype == jnp.float32
+        assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype("float32")}
+        metrics = trainer.step(batch)
+        assert metrics["loss"].dtype == jnp.float32
+        assert {x.dtype for x in jax.tree.leaves(trainer.params)} == {jnp.dtype("float32")}
+        moments = [x for x in jax.tree.leaves(trainer.opt_state) if x.ndim > 0]
+        assert moments and {x.dtype for x in moments} == {jnp.dtype("float32")}
+        losses[dtype] = float(metrics["loss"])
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=RTOL["bfloat16"])
+    assert losses["bfloat16"] != losses["float32"]  # bf16 really ran
+
+
+def test_full_fine_tuning_stores_every_weight_in_param_dtype() -> None:
+    model = Model(WIDE, None, EngineConfig(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    dtypes = {str(v.get_value().dtype) for _, v in nnx.to_flat_state(nnx.state(model))}
+    assert dtypes == {"float32"}
+
+
+KEY = jax.random.key(0)
+
+
+def _micro(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {k: jnp.asarray(v[0]) for k, v in batch.items()}  # [1,B,T] -> [B,T]
+
+
+# --- optimizer state in host memory --------------------------------------------------------
+
+HAS_PINNED_HOST = "pinned_host" in [m.kind for m in jax.devices()[0].addressable_memories()]
+
+
+@pytest.mark.skipif(
+    not HAS_PINNED_HOST,
+    reason=f"{jax.devices()[0].platform} device {jax.devices()[0]} has no pinned_host memory",
+)
+def test_offloaded_optimizer_lives_on_the_host_and_trains_the_same() -> None:
+    lcfg = LoraConfig(rank=3, targets=("q_proj", "k_proj", "up_proj"))
+    rng = np.random.default_rng(4)
+    batches = [
+        {"input_ids": ids, "labels": ids} for ids in rng.integers(0, V, size=(3, 2, B, T))
+    ]  # 3 steps of 2 micro-batches
+    runs = {}
+    for offload in (False, True):
+        model = Model(WIDE, lcfg, EngineConfig(quantize=True), rngs=nnx.Rngs(1))
+        optim = OptimConfig(lr=1e-2, total_steps=3, offload_optimizer=offload)
+        trainer = Trainer.create(model, optim)
+        history = fit(trainer, batches)
+        kinds = [x.sharding.memory_kind for x in jax.tree.leaves(trainer.opt_state) if x.ndim > 0]
+        assert set(kinds) == {"pinned_host" if offload else "device"}, kinds
+        counts = [x.sharding.memory_kind for x in jax.tree.leaves(trainer.opt_state) if x.ndim == 0]
+        assert set(counts) == {"device"}  # the step counts stay put
+        params = {x.sharding.memory_kind for x in jax.tree.leaves(trainer.params)}
+        assert params == {"device"}
+        runs[offload] = history, jax.tree.leaves(trainer.params), jax.tree.leaves(trainer.opt_state)
+    assert runs[True][0] == runs[False][0]  # every step's loss, norm, lr and tokens
+    for a, b in zip(runs[True][1] + runs[True][2], runs[False][1] + runs[False][2], strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert runs[True][0][-1]["loss"] != runs[True][0][0]["loss"]  # it trained
+
+
+def test_offload_shardings_for_a_pinned_step() -> None:
+    """What a subclass that pins its outputs asks for: its shardings, the moments on the host."""
+    model = Model(WIDE, LoraConfig(rank=2, targets=("q_proj",)), EngineConfig(), rngs=nnx.Rngs(0))
+    plain = Trainer.create(model, OptimConfig(total_steps=2))
+    base = jax.tree.map(lambda x: x.sharding, plain.opt_state)
+    assert plain.opt_state_shardings(base) is base
+    offload = dataclasses.replace(plain, offload_optimizer=True) if HAS_PINNED_HOST else None
+    if offload is not None:
+        got = offload.opt_state_shardings(base)
+        kinds = [
+            (x.ndim, s.memory_kind)
+            for x, s in zip(jax.tree.leaves(plain.opt_state), jax.tree.leaves(got), strict=True)
+        ]
+        assert {k for n, k in kinds if n > 0} == {"pinned_host"}
+        assert {k for n, k in kinds if n == 0} == {"device"}
+
+
+def test_offload_on_a_backend_without_host_memory_names_the_flag(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Memory:
+        kind = "device"
+
+    class Device:
+        platform = "gpu"
+
+        def addressable_memories(self) -> list[Memory]:
+            return [Memory()]
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [Device()])
+    with pytest.raises(ValueError, match=r"--offload-optimizer\): gpu device .* no 'pinned_host'"):
+        check_host_offload()

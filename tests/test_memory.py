@@ -1,7 +1,10 @@
 """Memory: QLoRA stays 4-bit through the backward pass, under every rematerialisation policy,
 and the loss over a large vocabulary never holds the whole logits.
 
-Two measurements, neither a timing:
+Three measurements, none a timing:
+
+* what each rematerialisation policy keeps for the backward pass (the saved residuals of the
+  loss, stacked over the scanned layers): the policy's name says it;
 
 * the residuals JAX saves from the forward pass for the backward pass of the QLoRA loss
   (``jax.ad_checkpoint.print_saved_residuals``) hold no float array of a projection kernel's
@@ -17,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import typing
+from collections import Counter
 from typing import Any
 
 import jax
@@ -27,7 +32,7 @@ import pytest
 from flax import nnx
 
 from jax_impl.layers import chunked_cross_entropy, cross_entropy, rms_norm
-from jax_impl.model import EngineConfig, Model, causal_lm_loss
+from jax_impl.model import EngineConfig, Model, Remat, causal_lm_loss
 from jax_impl.nf4 import NF4Kernel, dequantize_kernel
 from ref_numpy.config import LoraConfig, attn_shapes, llama_config, mlp_shapes
 from tests.helpers import rel_err
@@ -41,7 +46,7 @@ LORA = LoraConfig(
     targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 )
 B, T = 2, 40  # T matches no kernel dimension, so no activation looks like a kernel
-REMATS = ["none", "dots", "full"]
+REMATS = list(typing.get_args(Remat))
 
 
 def _kernel_shapes() -> set[tuple[int, int]]:
@@ -77,6 +82,31 @@ def _saved_float_shapes(f: Any, *args: Any) -> list[tuple[int, ...]]:
 def _holds_a_kernel(shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
     kernels = _kernel_shapes()
     return [s for s in shapes if len(s) >= 2 and tuple(s[-2:]) in kernels]
+
+
+def _layer_activations(shapes: list[tuple[int, ...]]) -> Counter[tuple[int, ...]]:
+    """The saved residuals stacked over layers from one batch: shape ``[L, B, ...]`` with T
+    among the trailing axes, counted by shape."""
+    per_layer = [s for s in shapes if s[:2] == (CFG.n_layers, B) and T in s[2:]]
+    return Counter(per_layer)
+
+
+def test_remat_policies_keep_what_they_say() -> None:
+    """Per layer: none keeps every intermediate (the MLP hidden [B,T,F], the attention scores
+    [B,K,G,T,S]); full only the block input [B,T,D]; dots the projections' outputs (the MLP
+    hidden among them) but no scores; attn_out the block input and the attention output,
+    two [B,T,D] arrays and nothing else."""
+    d, f, kv = CFG.d_model, CFG.d_ff, CFG.n_kv
+    hidden, io_ = (CFG.n_layers, B, T, f), (CFG.n_layers, B, T, d)
+    scores = (CFG.n_layers, B, kv, CFG.n_heads // kv, T, T)
+    kept = {}
+    for remat in REMATS:
+        loss, params, rest, ids = _loss_parts(False, remat)
+        kept[remat] = _layer_activations(_saved_float_shapes(loss, params, rest, ids))
+    assert kept["none"][hidden] >= 2 and kept["none"][scores] >= 1, kept["none"]
+    assert kept["full"] == Counter({io_: 1}), kept["full"]
+    assert kept["dots"][hidden] >= 2 and kept["dots"][scores] == 0, kept["dots"]
+    assert kept["attn_out"] == Counter({io_: 2}), kept["attn_out"]
 
 
 @pytest.mark.parametrize("remat", REMATS)

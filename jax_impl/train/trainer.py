@@ -12,6 +12,12 @@ The step is the spec's step (``ref_numpy.optim``)::
     grads, gnorm = clip_by_global_norm(grads, max_norm)
     params = adamw(params, grads, lr = warmup_cosine(step))
 
+With ``OptimConfig.offload_optimizer`` AdamW's moments live in host memory (``memory_kind
+"pinned_host"``), the JAX counterpart of QLoRA's paged optimizers: the jitted step moves them
+to the device, updates them there and moves them back, so between steps the device holds
+only the parameters. ``Trainer.opt_state_shardings`` gives the placement for a step that
+pins its outputs (``MeshTrainer``).
+
 Gradient accumulation splits the batch into ``A`` micro-batches ``[A, B, T]`` and sums
 their token losses and gradients before dividing by the batch's token count, so it gives
 exactly the gradient of the whole batch (not a mean of micro-batch means).
@@ -66,6 +72,13 @@ class OptimConfig:
         default=1.0,
         metadata={
             "help": "clip the gradient to this global norm (null in a config file: no clipping)"
+        },
+    )
+    offload_optimizer: bool = field(
+        default=False,
+        metadata={
+            "help": "keep AdamW's moments in host memory (pinned_host) between steps, moved to "
+            "the device inside each step: less device memory, more host transfers"
         },
     )
 
@@ -163,14 +176,51 @@ class Trainer:
     dropout_seed: int = 0
     step_count: int = 0
 
+    offload_optimizer: bool = False
+
     @classmethod
     def create(cls, model: Model, cfg: OptimConfig, dropout_seed: int = 0) -> Trainer:
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
         tx = optimizer(cfg)
-        return cls(graphdef, params, rest, tx.init(params), tx, schedule(cfg), dropout_seed)
+        return cls(
+            graphdef,
+            params,
+            rest,
+            tx.init(params),
+            tx,
+            schedule(cfg),
+            dropout_seed,
+            offload_optimizer=cfg.offload_optimizer,
+        )
 
     def __post_init__(self) -> None:
+        if self.offload_optimizer:
+            check_host_offload()
+            self.opt_state = jax.device_put(
+                self.opt_state,
+                self.opt_state_shardings(jax.tree.map(lambda x: x.sharding, self.opt_state)),
+            )
         self._step = jax.jit(self._step_impl, donate_argnums=(0, 1))
+
+    def opt_state_shardings(self, shardings: Any) -> Any:
+        """The placement of the optimizer state: ``shardings`` (a tree of shardings shaped as
+        ``opt_state``) with AdamW's moments (every array leaf of more than 0 dimensions) in
+        ``"pinned_host"`` memory when ``offload_optimizer``, the rest as given.
+
+        A subclass that pins the step's outputs (``jax.jit(..., out_shardings=...)``) passes
+        its own device shardings through this for the optimizer state's."""
+        if not self.offload_optimizer:
+            return shardings
+        return jax.tree.map(
+            lambda x, s: s.with_memory_kind(HOST) if _moment(x) else s, self.opt_state, shardings
+        )
+
+    def _memory(self, opt_state: Any, space: Any) -> Any:
+        """Inside the step: the offloaded leaves of ``opt_state`` moved to memory ``space``
+        (``jax.memory.Space.Device`` or ``.Host``), keeping their sharding."""
+        if not self.offload_optimizer:
+            return opt_state
+        return jax.tree.map(lambda x: jax.device_put(x, space) if _moment(x) else x, opt_state)
 
     def _step_impl(
         self, params: Any, opt_state: Any, rest: Any, batch: Batch, step: Array
@@ -190,7 +240,9 @@ class Trainer:
         (grads, total, count), _ = jax.lax.scan(micro, init, (batch, jnp.arange(n_micro)))
         denom = jnp.maximum(count, 1).astype(total.dtype)
         grads = jax.tree.map(lambda g: g / denom, grads)
+        opt_state = self._memory(opt_state, jax.memory.Space.Device)  # host -> device
         updates, opt_state = self.tx.update(grads, opt_state, params)
+        opt_state = self._memory(opt_state, jax.memory.Space.Host)  # device -> host
         params = optax.apply_updates(params, updates)
         metrics = {
             "loss": total / denom,
@@ -212,6 +264,27 @@ class Trainer:
     def model(self) -> Model:
         """The model with the current parameters."""
         return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+HOST = "pinned_host"  # the memory kind offloaded optimizer state lives in
+
+
+def check_host_offload() -> None:
+    """Raise ValueError, naming ``--offload-optimizer``, when JAX's default device has no
+    ``"pinned_host"`` memory to keep the optimizer state in."""
+    device = jax.devices()[0]
+    kinds = [m.kind for m in device.addressable_memories()]
+    if HOST not in kinds:
+        raise ValueError(
+            f"OptimConfig.offload_optimizer (--offload-optimizer): {device.platform} device "
+            f"{device} has no {HOST!r} memory (its memories: {kinds})"
+        )
+
+
+def _moment(x: Any) -> bool:
+    """An optimizer-state leaf that offloading moves: an array of at least one dimension
+    (AdamW's moments; the step count stays in device memory)."""
+    return isinstance(x, jax.Array) and x.ndim > 0
 
 
 def _acc(params: Any) -> Any:
