@@ -145,12 +145,14 @@ def sdpa(
         (``jax.nn.dot_product_attention``).
       causal_only: the caller vouches that ``mask`` is exactly the causal mask with T = S; the
         fused paths then pass ``is_causal=True`` instead of the mask (the einsum path always
-        uses ``mask``).
+        uses ``mask``). Otherwise ``"cudnn"`` with an odd T or S runs as ``"xla"``.
     Returns:
       [B, T, N, H] in q's dtype. A query that may see no key gets zeros.
     """
     b, t, n, h = q.shape
     kv = k.shape[2]
+    if impl == "cudnn" and not causal_only and (t % 2 or k.shape[1] % 2):
+        impl = "xla"  # cuDNN takes a mask as an additive bias, which needs even T and S
     if impl != "einsum":
         implementation = None if impl == "xla" else impl
         if causal_only:  # every query sees at least itself: no empty rows

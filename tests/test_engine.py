@@ -248,6 +248,17 @@ def test_plain_causal_mask_goes_to_the_fused_path_as_is_causal() -> None:
     assert rel_err(np.asarray(wrong), np.asarray(want)) > 0.1  # the mask matters here
 
 
+def test_cudnn_with_a_mask_and_odd_length_runs_as_xla() -> None:
+    """cuDNN takes a mask as a bias, which needs even lengths: odd ones go to the XLA path
+    (which runs on any backend, so this holds on a CPU too)."""
+    q, k, v = (a[:, :63] for a in _qkv(WIDE, jnp.float32))
+    pad = np.ones((2, 63), dtype=int)
+    pad[0, 50:] = 0
+    mask = attention_mask(2, 63, 63, padding=jnp.asarray(pad))
+    got = sdpa(q, k, v, mask, "cudnn")
+    assert rel_err(np.asarray(got), np.asarray(sdpa(q, k, v, mask, "einsum"))) <= RTOL["float32"]
+
+
 @pytest.mark.skipif(
     jax.default_backend() != "gpu",
     reason=f"cuDNN flash attention needs an NVIDIA GPU; JAX's backend is {jax.default_backend()}",
