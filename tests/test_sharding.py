@@ -263,6 +263,10 @@ def test_checkpoints_round_trip_keep_the_newest_and_refuse_a_misfit(tmp_path: Pa
             ck.restore(tree(0, rows=5), tree(0))
         with pytest.raises(ValueError, match=r"3/opt_state: does not hold .*\(missing \['extra'\]"):
             ck.restore(tree(0), {**tree(0), "extra": jnp.zeros(2)})
+    with TrainCheckpoints(tmp_path / "ck") as again:  # a new run reads what another wrote
+        params, opt, meta = again.restore(tree(0), tree(0))
+        assert meta == {"step": 3, "epoch": 0}
+        np.testing.assert_array_equal(opt["w"], tree(13)["w"])
     with pytest.raises(ValueError, match="TrainCheckpoints.keep: expected >= 1, got 0"):
         TrainCheckpoints(tmp_path / "other", keep=0)
 

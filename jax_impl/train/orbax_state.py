@@ -68,6 +68,11 @@ class TrainCheckpoints:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=async_save, create=True
             ),
+            item_handlers={  # named up front, so a new process reads what another wrote
+                "params": ocp.StandardCheckpointHandler(),
+                "opt_state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def save(self, step: int, params: Any, opt_state: Any, meta: dict[str, Any]) -> None:
