@@ -124,6 +124,7 @@ def batches(
     epoch: int,
     start: int = 0,
     pad_id: int | None = None,
+    part: tuple[int, int] | None = None,
 ) -> Iterator[dict[str, IntArray]]:
     """The batches of one epoch, in an order fixed by ``(seed, epoch)``.
 
@@ -134,16 +135,23 @@ def batches(
         that holds its longest row.
       start: the first batch to yield (resuming mid-epoch); the same batches as skipping.
       pad_id: the id written at padding (default 0; it is masked everywhere).
+      part: ``(lo, hi)``: only rows ``lo`` to ``hi - 1`` of each micro-batch, one process's
+        share of a multi-process run (``sharding.process_rows``). Every process draws the
+        same order and pads to the length of the whole batch, so the shares put together are
+        the whole batches. Default: every row.
     Yields:
-      dicts of int32 arrays [A, B, L] (A = grad_accum, B = batch_size): ``input_ids``,
-      ``labels`` (IGNORE_INDEX at padding), ``attention_mask`` (1 real, 0 padding),
-      ``positions`` and ``segment_ids`` (0 at padding). The last batch of an epoch is filled
-      up with fully masked rows, so every batch has the same A and B.
+      dicts of int32 arrays [A, B, L] (A = grad_accum, B = batch_size, or ``hi - lo`` with
+      ``part``): ``input_ids``, ``labels`` (IGNORE_INDEX at padding), ``attention_mask`` (1
+      real, 0 padding), ``positions`` and ``segment_ids`` (0 at padding). The last batch of
+      an epoch is filled up with fully masked rows, so every batch has the same A and B.
     """
     if batch_size < 1 or grad_accum < 1:
         raise DataError(
             f"batch_size and grad_accum must be positive, got {batch_size}, {grad_accum}"
         )
+    lo, hi = (0, batch_size) if part is None else part
+    if not 0 <= lo < hi <= batch_size:
+        raise DataError(f"part {part}: expected rows 0 <= lo < hi <= batch_size={batch_size}")
     sizes = sorted(set(buckets))
     if not sizes or sizes[0] < 1:
         raise DataError(f"buckets must be positive lengths, got {list(buckets)}")
@@ -156,21 +164,23 @@ def batches(
     per_batch = batch_size * grad_accum
     order = epoch_order(len(rows), seed=seed, epoch=epoch)
     fill = 0 if pad_id is None else pad_id
+    shape = (grad_accum, hi - lo)
     for b in range(start, total):
         chosen = [rows[i] for i in order[b * per_batch : (b + 1) * per_batch]]
-        length = sizes[bisect.bisect_left(sizes, max(len(r) for r in chosen))]
+        length = sizes[bisect.bisect_left(sizes, max(len(r) for r in chosen))]  # whole batch's
         out = {
-            "input_ids": np.full((per_batch, length), fill, np.int32),
-            "labels": np.full((per_batch, length), IGNORE_INDEX, np.int32),
-            "attention_mask": np.zeros((per_batch, length), np.int32),
-            "positions": np.zeros((per_batch, length), np.int32),
-            "segment_ids": np.zeros((per_batch, length), np.int32),
-        }  # [A*B, L]
-        for j, r in enumerate(chosen):
-            n = len(r)
-            out["input_ids"][j, :n] = r.input_ids
-            out["labels"][j, :n] = r.labels
-            out["attention_mask"][j, :n] = 1
-            out["positions"][j, :n] = r.positions
-            out["segment_ids"][j, :n] = r.segment_ids
-        yield {k: v.reshape(grad_accum, batch_size, length) for k, v in out.items()}  # [A,B,L]
+            "input_ids": np.full((*shape, length), fill, np.int32),
+            "labels": np.full((*shape, length), IGNORE_INDEX, np.int32),
+            "attention_mask": np.zeros((*shape, length), np.int32),
+            "positions": np.zeros((*shape, length), np.int32),
+            "segment_ids": np.zeros((*shape, length), np.int32),
+        }  # [A,B,L]
+        for a in range(grad_accum):
+            for j, r in enumerate(chosen[a * batch_size + lo : a * batch_size + hi]):
+                n = len(r)
+                out["input_ids"][a, j, :n] = r.input_ids
+                out["labels"][a, j, :n] = r.labels
+                out["attention_mask"][a, j, :n] = 1
+                out["positions"][a, j, :n] = r.positions
+                out["segment_ids"][a, j, :n] = r.segment_ids
+        yield out
