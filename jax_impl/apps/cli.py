@@ -534,7 +534,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             except TrainingDiverged as e:
                 print(f"qlora-spec train: {e}", file=sys.stderr)
                 return 3
-            print(json.dumps(summary))
+            import jax
+
+            if jax.process_index() == 0:  # once per run, also of several processes
+                print(json.dumps(summary))
         elif args.command == "pretrain":
             from .pretrain import PretrainConfig, pretrain
 

@@ -24,6 +24,8 @@ from typing import IO, Any, Literal
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from ref_numpy.config import (
@@ -40,7 +42,7 @@ from ref_numpy.lora import selected_paths
 from ref_numpy.nf4 import nf4_bits_per_param
 
 from ..model import EngineConfig, Model, to_spec, trainable_params
-from ..train.checkpoint import load_pretrained, load_train_state, save_adapter, save_train_state
+from ..train.checkpoint import load_pretrained, save_adapter
 from ..train.data import (
     DataError,
     Row,
@@ -50,6 +52,19 @@ from ..train.data import (
     num_batches,
     pack,
     unpacked_rows,
+)
+from ..train.orbax_state import TrainCheckpoints
+from ..train.sharding import (
+    DistributedConfig,
+    MeshConfig,
+    initialize_distributed,
+    make_mesh,
+    parse_mesh,
+    process_rows,
+    process_sum,
+    shard_batch,
+    shard_trainer,
+    to_host,
 )
 from ..train.trainer import OptimConfig, Trainer, TrainingDiverged, eval_loss, fit
 
@@ -134,6 +149,10 @@ class TrainConfig:
         default_factory=EngineConfig, metadata={"help": "dtypes, attention, remat, NF4"}
     )
     data_config: DataConfig = field(default_factory=DataConfig, metadata={"help": "batches"})
+    distributed: DistributedConfig = field(
+        default_factory=DistributedConfig,
+        metadata={"help": "the device mesh, and how the processes of a multi-process run meet"},
+    )
     steps: int | None = field(
         default=None,
         metadata={"help": "optimizer steps", "default_text": "--epochs passes over the data"},
@@ -196,6 +215,18 @@ def resolve_max_length(max_length: int | None, context: int) -> int:
     return max_length
 
 
+def check_batch_fits(batch_size: int, mesh: MeshConfig) -> None:
+    """Refuse a ``--batch-size`` that does not divide over the devices that split a batch's
+    rows (``data`` x ``fsdp`` of ``--mesh``), naming both flags."""
+    split = mesh.data * mesh.fsdp
+    if batch_size % split:
+        raise ValueError(
+            f"--batch-size {batch_size}: does not divide over the {split} devices of --mesh "
+            f"{mesh} that split a batch (data x fsdp); use a multiple of {split} "
+            "(--grad-accum adds rows per step without devices)"
+        )
+
+
 def resolve_lora(lora: LoraConfig, cfg: ModelConfig) -> LoraConfig:
     """``lora`` checked against ``cfg`` (``ref_numpy.lora.selected_paths``: every target
     selects a projection, every layer exists) with ``all-linear`` spelled out as the names of
@@ -248,9 +279,11 @@ def epoch_batches(
     *,
     seed: int,
     pad_id: int | None,
+    part: tuple[int, int] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Batches from the trainer's position on, epoch after epoch, without end: each epoch's
-    order is fixed by ``(seed, epoch)``, so a resumed run sees the batches it would have."""
+    order is fixed by ``(seed, epoch)``, so a resumed run sees the batches it would have.
+    ``part``: this process's rows of each micro-batch (``batches``); default: every row."""
     per_epoch = num_batches(len(rows), dc.batch_size, dc.grad_accum)
     while True:
         epoch, start = divmod(trainer.step_count, per_epoch)
@@ -263,6 +296,7 @@ def epoch_batches(
             epoch=epoch,
             start=start,
             pad_id=pad_id,
+            part=part,
         )
 
 
@@ -271,13 +305,19 @@ def epoch_batches(
 
 class Throughput:
     """Adds ``tokens`` (real input tokens), ``loss_tokens`` (counted in the loss) and their
-    rates per second since the hook was made."""
+    rates per second since the hook was made, all of the global batch.
 
-    def __init__(self) -> None:
+    In a multi-process run each process holds some rows of the batch; their input tokens are
+    summed over the processes (a collective), and ``copies`` is how many processes hold each
+    row (more than 1 only where the ``tensor`` axis spans processes)."""
+
+    def __init__(self, copies: int = 1) -> None:
         self.start, self.tokens, self.loss_tokens = time.perf_counter(), 0, 0
+        self.copies = copies
 
     def __call__(self, trainer: Trainer, batch: dict[str, Any], m: dict[str, Any]) -> None:
-        tokens, loss_tokens = int(batch["attention_mask"].sum()), int(m.pop("tokens"))
+        tokens = process_sum(int(batch["attention_mask"].sum())) // self.copies
+        loss_tokens = int(m.pop("tokens"))  # counted by the step over the global batch
         self.tokens, self.loss_tokens = self.tokens + tokens, self.loss_tokens + loss_tokens
         seconds = time.perf_counter() - self.start
         m.update(
@@ -332,36 +372,58 @@ def every(interval: int, action: Any) -> Any:
 def run(tc: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train, then write ``tc.out`` (adapter or weights, metrics.jsonl, loss.png,
     train_config.json, summary.json). Returns the summary. Raises TrainingDiverged on a
-    non-finite loss. A float64 ``dtype`` or ``param_dtype`` runs in JAX's 64-bit mode."""
+    non-finite loss. A float64 ``dtype`` or ``param_dtype`` runs in JAX's 64-bit mode.
+
+    In a multi-process run (``tc.distributed``) every process calls ``run`` with the same
+    config: each reads its rows of every batch, all of them write the training-state
+    checkpoints together, and process 0 alone writes the metrics log and ``tc.out``."""
+    initialize_distributed(tc.distributed)  # before anything touches a device
     x64 = "float64" in (tc.engine.dtype, tc.engine.param_dtype)
     with jax.enable_x64(True) if x64 else contextlib.nullcontext():
         return _run(tc, progress)
 
 
+def _barrier(name: str) -> None:
+    """Every process of a multi-process run waits here for the others."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def _run(tc: TrainConfig, progress: bool) -> dict[str, Any]:
     out, work = Path(tc.out), tc.work_dir()
+    lead = jax.process_index() == 0  # the process that writes files other than checkpoints
     if out.exists() and not tc.overwrite:
         raise FileExistsError(f"{out}: exists (pass --overwrite to replace it)")
-    if work.exists() and not tc.resume:
-        if not tc.overwrite:
-            raise FileExistsError(
-                f"{work}: an unfinished run for {out} (pass --resume to continue it, "
-                "or --overwrite to start again)"
-            )
-        shutil.rmtree(work)
+    restart = work.exists() and not tc.resume
+    if restart and not tc.overwrite:
+        raise FileExistsError(
+            f"{work}: an unfinished run for {out} (pass --resume to continue it, "
+            "or --overwrite to start again)"
+        )
     if bnb.is_nf4_checkpoint(tc.model) and tc.method != "qlora":
         raise ValueError(
             f"{tc.model}: a 4-bit (NF4) checkpoint; --method {tc.method} needs the float "
             "checkpoint (use --method qlora to train adapters beside the NF4 base)"
         )
+    dc = tc.data_config
+    mesh_cfg = parse_mesh(tc.distributed.mesh)
+    check_batch_fits(dc.batch_size, mesh_cfg)
+    mesh = make_mesh(mesh_cfg)
     base_cfg = hf.load_config(tc.model)
-    max_length = resolve_max_length(tc.data_config.max_length, base_cfg.max_seq_len)
+    max_length = resolve_max_length(dc.max_length, base_cfg.max_seq_len)
     tc = dataclasses.replace(  # as the run uses it, which train_config.json records
         tc,
-        data_config=dataclasses.replace(tc.data_config, max_length=max_length),
+        data_config=dataclasses.replace(dc, max_length=max_length),
         lora=tc.lora if tc.method == "full" else resolve_lora(tc.lora, base_cfg),
     )
-    resuming = tc.resume and (work / "checkpoint").exists()
+    dc = tc.data_config
+    _barrier("qlora-spec train: checked")  # every process has looked before anything changes
+    if restart and lead:
+        shutil.rmtree(work)
+    _barrier("qlora-spec train: work directory cleared")
+    resuming = tc.resume and any(p.name.isdigit() for p in _entries(work / "state"))
     record = run_record(tc)
     if resuming:
         check_unchanged(work, record)
@@ -369,46 +431,51 @@ def _run(tc: TrainConfig, progress: bool) -> dict[str, Any]:
     rows, held, tok, stats = prepare_rows(tc, max_length, cfg.vocab_size)
     pad_id = tok.pad_id if tok is not None else None  # token-id data may come without one
     buckets = bucket_lengths(max_length)
-    dc = tc.data_config
     total = tc.steps or tc.epochs * num_batches(len(rows), dc.batch_size, dc.grad_accum)
-    trainer = Trainer.create(model, tc.optim.for_steps(total), dropout_seed=tc.seed)
-    work.mkdir(parents=True, exist_ok=True)
+    trainer = shard_trainer(
+        Trainer.create(model, tc.optim.for_steps(total), dropout_seed=tc.seed), mesh
+    )
+    part = process_rows(mesh, dc.batch_size)
+    copies = jax.process_count() * (part[1] - part[0]) // dc.batch_size
     metrics_path = work / "metrics.jsonl"
     last: dict[str, Any] = {}
+    work.mkdir(parents=True, exist_ok=True)
+    ckpts = TrainCheckpoints(work / "state")
     if resuming:
-        trainer.params, trainer.opt_state, meta = load_train_state(
-            work / "checkpoint", trainer.params, trainer.opt_state
-        )
+        trainer.params, trainer.opt_state, meta = ckpts.restore(trainer.params, trainer.opt_state)
         trainer.step_count = int(meta["step"])
-        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        kept = [x for x in lines if json.loads(x)["step"] <= trainer.step_count]
-        metrics_path.write_text("".join(x + "\n" for x in kept))
-        last = json.loads(kept[-1]) if kept else {}
-    else:  # the record a later --resume is checked against
+        if lead:  # the log's lines up to the checkpoint; later steps will be computed again
+            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+            kept = [x for x in lines if json.loads(x)["step"] <= trainer.step_count]
+            metrics_path.write_text("".join(x + "\n" for x in kept))
+            last = json.loads(kept[-1]) if kept else {}
+    elif lead:  # the record a later --resume is checked against
         metrics_path.write_text("")
         for name, value in record.items():
             files.write_json(work / name, value)
 
     def held_loss(trainer: Trainer, m: dict[str, Any]) -> None:
-        m["eval_loss"] = eval_loss(trainer.model(), eval_batches(held, dc, buckets, pad_id))[0]
+        batches = eval_batches(held, dc, buckets, pad_id, mesh)
+        m["eval_loss"] = eval_loss(trainer.model(), batches)[0]
 
     def checkpoint(trainer: Trainer, m: dict[str, Any]) -> None:
         if m["step"] % tc.checkpoint_interval == 0 or m["step"] == total:
-            save_train_state(
-                work / "checkpoint", trainer.params, trainer.opt_state, {"step": m["step"]}
-            )
+            ckpts.save(m["step"], trainer.params, trainer.opt_state, {"step": m["step"]})
 
-    bar = Progress(total, trainer.step_count, progress)
-    with metrics_path.open("a") as log:
+    bar = Progress(total, trainer.step_count, progress and lead)
+    with (
+        metrics_path.open("a") if lead else contextlib.nullcontext() as log,
+        ckpts,  # closing waits for the saves under way
+    ):
         try:
             history = fit(
                 trainer,
-                epoch_batches(trainer, rows, dc, buckets, seed=tc.seed, pad_id=pad_id),
+                epoch_batches(trainer, rows, dc, buckets, seed=tc.seed, pad_id=pad_id, part=part),
                 steps=total,
                 hooks=[
-                    Throughput(),
+                    Throughput(copies),
                     every(tc.eval_interval if held else 0, held_loss),
-                    log_metrics(log),
+                    *([log_metrics(log)] if log is not None else []),
                     bar,
                     every(1, checkpoint),
                 ],
@@ -420,29 +487,47 @@ def _run(tc: TrainConfig, progress: bool) -> dict[str, Any]:
     summary = run_summary(trainer.model(), stats, trainer.step_count, last)
     if held:
         summary["eval_loss"], summary["eval_tokens"] = eval_loss(
-            trainer.model(), eval_batches(held, dc, buckets, pad_id)
+            trainer.model(), eval_batches(held, dc, buckets, pad_id, mesh)
         )
-    with files.atomic_dir(out, tc.overwrite) as tmp:
-        final = trainer.model()
-        if tc.method == "full":
-            hf.save_model(to_spec(final), cfg, tmp / "model", tokenizer_from=tc.model)
-            move_into(tmp / "model", tmp)
-        else:
-            save_adapter(final, tmp / "adapter", base_model=tc.model)
-            move_into(tmp / "adapter", tmp)
-        shutil.copy2(metrics_path, tmp / "metrics.jsonl")
-        shutil.copy2(work / "train_config.json", tmp / "train_config.json")  # as first started
-        files.write_json(tmp / "summary.json", summary)
-        plot_loss(tmp / "metrics.jsonl", tmp / "loss.png")
-    shutil.rmtree(work)
+    # every process takes part in gathering the state; process 0 writes it
+    final = nnx.merge(trainer.graphdef, to_host(trainer.params), to_host(trainer.rest))
+    if lead:
+        with files.atomic_dir(out, tc.overwrite) as tmp:
+            if tc.method == "full":
+                hf.save_model(to_spec(final), cfg, tmp / "model", tokenizer_from=tc.model)
+                move_into(tmp / "model", tmp)
+            else:
+                save_adapter(final, tmp / "adapter", base_model=tc.model)
+                move_into(tmp / "adapter", tmp)
+            shutil.copy2(metrics_path, tmp / "metrics.jsonl")
+            shutil.copy2(work / "train_config.json", tmp / "train_config.json")  # first start's
+            files.write_json(tmp / "summary.json", summary)
+            plot_loss(tmp / "metrics.jsonl", tmp / "loss.png")
+        shutil.rmtree(work)
+    _barrier("qlora-spec train: written")
     return summary
 
 
+def _entries(path: Path) -> list[Path]:
+    """The entries of the directory ``path``; none if it does not exist."""
+    return list(path.iterdir()) if path.is_dir() else []
+
+
 def eval_batches(
-    rows: list[Row], dc: DataConfig, buckets: list[int], pad_id: int | None
+    rows: list[Row],
+    dc: DataConfig,
+    buckets: list[int],
+    pad_id: int | None,
+    mesh: Mesh | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """The held-out rows in batches of ``dc.batch_size``, in order."""
-    return batches(rows, dc.batch_size, 1, buckets, seed=0, epoch=0, pad_id=pad_id)
+    """The held-out rows in batches ``[1, B, T]`` of ``dc.batch_size``, in order: NumPy
+    arrays, or with ``mesh`` global arrays with this process's rows, split as training
+    splits them."""
+    part = None if mesh is None else process_rows(mesh, dc.batch_size)
+    for batch in batches(
+        rows, dc.batch_size, 1, buckets, seed=0, epoch=0, pad_id=pad_id, part=part
+    ):
+        yield batch if mesh is None else shard_batch(batch, mesh)
 
 
 def move_into(src: Path, dst: Path) -> None:
@@ -473,7 +558,13 @@ def _file_id(path: Path) -> dict[str, Any]:
     return {"path": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-RESUME_EXEMPT = ("resume", "overwrite", "checkpoint_interval")  # may change on --resume
+# may change on --resume: how the run is driven, not what it computes
+RESUME_EXEMPT = (
+    "resume",
+    "overwrite",
+    "checkpoint_interval",
+    *(f.name for f in dataclasses.fields(DistributedConfig)),  # the mesh, the processes
+)
 
 
 def leaves(record: dict[str, Any]) -> dict[str, Any]:

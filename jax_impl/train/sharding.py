@@ -24,9 +24,11 @@ divide over ``data`` x ``fsdp``: anything else would silently waste devices.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import field
 from typing import Any
 
 import jax
@@ -217,24 +219,64 @@ def batch_spec(mesh: Mesh, rules: Rules = RULES) -> PartitionSpec:
     return PartitionSpec(None, kept or None, None)
 
 
+def _row_blocks(mesh: Mesh, rules: Rules = RULES) -> tuple[int, int]:
+    """``(blocks, held)``: the pieces a batch's rows are cut into on ``mesh``, and how many of
+    them this process's devices hold (all of them in a single-process run)."""
+    rows = batch_spec(mesh, rules)[1]
+    axes = (rows,) if isinstance(rows, str) else tuple(rows or ())
+    where = [mesh.axis_names.index(a) for a in axes]
+    held = {
+        tuple(index[i] for i in where)
+        for index, device in np.ndenumerate(mesh.devices)
+        if device.process_index == jax.process_index()
+    }
+    return math.prod(mesh.shape[a] for a in axes), len(held)
+
+
+def process_rows(mesh: Mesh, batch_size: int, rules: Rules = RULES) -> tuple[int, int]:
+    """``(lo, hi)``: the rows ``[lo, hi)`` of each micro-batch of ``batch_size`` rows that
+    this process's devices hold, so the process reads only those.
+
+    That is every row in a single-process run, and ``[i * B / P, (i + 1) * B / P)`` for
+    process ``i`` of ``P`` when ``data`` x ``fsdp`` is laid over the processes in order (as
+    ``make_mesh`` does); processes that differ only along ``tensor`` read the same rows.
+    Raises ValueError when the rows do not divide over ``data`` x ``fsdp``.
+    """
+    blocks, _ = _row_blocks(mesh, rules)
+    if batch_size % blocks:
+        raise ValueError(
+            f"batch_size {batch_size}: does not divide over the {blocks} devices of mesh axes "
+            f"data x fsdp; use a multiple of {blocks}"
+        )
+    sharding = NamedSharding(mesh, batch_spec(mesh, rules))
+    held = sharding.addressable_devices_indices_map((1, batch_size, 1)).values()
+    spans = sorted({index[1].indices(batch_size)[:2] for index in held if index is not None})
+    if any(a[1] != b[0] for a, b in itertools.pairwise(spans)):
+        raise ValueError(
+            f"mesh {dict(mesh.shape)}: this process's devices hold the rows {spans} of a batch, "
+            "which are not one contiguous block"
+        )
+    return spans[0][0], spans[-1][1]
+
+
 def shard_batch(batch: dict[str, Any], mesh: Mesh, rules: Rules = RULES) -> dict[str, Array]:
     """A batch of arrays ``[A, B, T]`` placed with rows B split over ``data`` x ``fsdp``.
 
-    ``batch`` holds this process's rows (all of them in a single-process run); the global
-    array is assembled with ``jax.make_array_from_process_local_data``. Raises ValueError if
-    an array is not 3-D or its rows do not divide over the devices.
+    ``batch`` holds this process's rows (``process_rows``; all of them in a single-process
+    run); the global array is assembled with ``jax.make_array_from_process_local_data``.
+    Raises ValueError if an array is not 3-D or its rows do not divide over the devices.
     """
     spec = batch_spec(mesh, rules)
     rows = spec[1]
-    split = math.prod(mesh.shape[a] for a in ((rows,) if isinstance(rows, str) else rows or ()))
+    split, held = _row_blocks(mesh, rules)
     sharding = NamedSharding(mesh, spec)
     out = {}
     for name, value in batch.items():
         value = np.asarray(value)
         if value.ndim != 3:
             raise ValueError(f"batch[{name!r}]: expected [A, B, T], got shape {value.shape}")
-        rows_global = value.shape[1] * jax.process_count()
-        if rows_global % split:
+        if value.shape[1] % held:
+            rows_global = value.shape[1] * split // held
             raise ValueError(
                 f"batch[{name!r}]: {rows_global} rows per micro-batch do not divide over "
                 f"the {split} devices of mesh axes {rows}; use a batch size that is a "
@@ -242,6 +284,32 @@ def shard_batch(batch: dict[str, Any], mesh: Mesh, rules: Rules = RULES) -> dict
             )
         out[name] = jax.make_array_from_process_local_data(sharding, value)
     return out
+
+
+def process_sum(value: int) -> int:
+    """The sum of ``value`` over the processes of the run (a collective: every process must
+    call it, in the same order); ``value`` itself in a single-process run."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+
+
+def to_host(tree: Any) -> Any:
+    """``tree`` with every array as a whole NumPy array on this process, the shards other
+    processes hold gathered in (a collective: every process of the run must call it, in the
+    same order)."""
+    from jax.experimental import multihost_utils
+
+    def one(x: Any) -> Any:
+        if not isinstance(x, jax.Array):
+            return x
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
 
 
 def per_device_bytes(x: Array) -> dict[int, int]:
@@ -335,15 +403,67 @@ def distributed_args(
     return {"coordinator_address": coordinator, "num_processes": n, "process_id": i}
 
 
-def initialize_distributed(
-    coordinator: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-) -> bool:
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """The devices a run trains on: the mesh over them and, for a run of several processes,
+    how the processes find each other (``jax.distributed``). A run setting: it may change
+    when a run resumes, since checkpoints restore onto any mesh."""
+
+    mesh: str | None = field(
+        default=None,
+        metadata={
+            "help": "device mesh as axis=size over data, fsdp and tensor (data=2,fsdp=4); the "
+            "sizes multiply to the devices of all processes",
+            "default_text": "every device on data",
+            "metavar": "AXES",
+        },
+    )
+    coordinator: str | None = field(
+        default=None,
+        metadata={
+            "help": "HOST:PORT of process 0 of a run of several processes, or auto (JAX "
+            "detects Slurm, Cloud TPU, Open MPI)",
+            "default_text": "$JAX_COORDINATOR_ADDRESS, else one process (or Slurm's tasks)",
+            "metavar": "HOST:PORT",
+        },
+    )
+    num_processes: int | None = field(
+        default=None,
+        metadata={
+            "help": "processes of the run, with --coordinator",
+            "default_text": "$JAX_NUM_PROCESSES",
+        },
+    )
+    process_id: int | None = field(
+        default=None,
+        metadata={
+            "help": "this process's index, 0 to --num-processes - 1",
+            "default_text": "$JAX_PROCESS_ID",
+        },
+    )
+    heartbeat_timeout: int = field(
+        default=100,
+        metadata={
+            "help": "seconds a process of a multi-process run may go silent before the others "
+            "take it for dead and stop"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.heartbeat_timeout, bool) or not self.heartbeat_timeout >= 1:
+            raise ValueError(
+                f"DistributedConfig.heartbeat_timeout: expected >= 1, got {self.heartbeat_timeout}"
+            )
+
+
+def initialize_distributed(cfg: DistributedConfig) -> bool:
     """Join a multi-process run (``jax.distributed.initialize``) when ``distributed_args``
-    says this is one; must run before anything touches a device. True if it joined."""
-    args = distributed_args(coordinator, num_processes, process_id)
+    says this is one; must run before anything touches a device. True if this process is
+    part of one (joined now, or before)."""
+    if jax.distributed.is_initialized():
+        return True
+    args = distributed_args(cfg.coordinator, cfg.num_processes, cfg.process_id)
     if args is None:
         return False
-    jax.distributed.initialize(**args)
+    jax.distributed.initialize(**args, heartbeat_timeout_seconds=cfg.heartbeat_timeout)
     return True
