@@ -33,9 +33,10 @@ from jax_impl.train.sharding import (
     make_mesh,
     parse_mesh,
     shard_batch,
+    shard_trainer,
     state_shardings,
 )
-from jax_impl.train.trainer import OptimConfig, optimizer
+from jax_impl.train.trainer import OptimConfig, Trainer, optimizer
 from ref_numpy.config import LoraConfig
 from tests.helpers import RTOL
 from tests.sharding_worker import MESHES, SAVED_AT
@@ -227,6 +228,30 @@ def test_shard_batch_needs_3d_arrays() -> None:
     np.testing.assert_array_equal(out["input_ids"], np.arange(6).reshape(1, 2, 3))
     with pytest.raises(ValueError, match=r"batch\['labels'\]: expected \[A, B, T\], got shape"):
         shard_batch({"labels": np.zeros((2, 3))}, mesh)
+
+
+def test_mesh_trainer_keeps_an_offloaded_optimizer_on_the_host(tmp_path: Path) -> None:
+    """With ``offload_optimizer`` AdamW's moments stay in pinned host memory through the
+    sharded step and an orbax round trip, and the losses equal those kept on the device."""
+    from tests.sharding_worker import CFG, LORA, data
+
+    mesh = make_mesh(MeshConfig())
+    losses, kinds = {}, {}
+    for offload in (False, True):
+        model = Model(CFG, LORA, EngineConfig(quantize=True), rngs=nnx.Rngs(3))
+        optim = OptimConfig(lr=1e-2, total_steps=5, offload_optimizer=offload)
+        trainer = shard_trainer(Trainer.create(model, optim), mesh)
+        losses[offload] = [float(trainer.step(b)["loss"]) for b in data(1)[:2]]
+        moments = [x for x in jax.tree.leaves(trainer.opt_state) if x.ndim]
+        kinds[offload] = {x.sharding.memory_kind for x in moments}
+    assert kinds == {False: {"device"}, True: {"pinned_host"}}
+    assert losses[True] == losses[False]
+    with TrainCheckpoints(tmp_path / "ck") as ck:
+        ck.save(2, trainer.params, trainer.opt_state, {"step": 2})
+        _, opt, _ = ck.restore(trainer.params, trainer.opt_state)
+    for got, want in zip(jax.tree.leaves(opt), jax.tree.leaves(trainer.opt_state), strict=True):
+        assert got.sharding.memory_kind == want.sharding.memory_kind
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 # --- orbax checkpoints (one device) -----------------------------------------------------

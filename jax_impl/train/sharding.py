@@ -337,10 +337,12 @@ class MeshTrainer(Trainer):
         super().__post_init__()
         self.params = shard_state(self.params, self.mesh, self.rules)
         self.rest = shard_state(self.rest, self.mesh, self.rules)
-        self.opt_state = shard_state(self.opt_state, self.mesh, self.rules)
+        # AdamW's moments in host memory with --offload-optimizer, sharded all the same
+        opt = self.opt_state_shardings(state_shardings(self.opt_state, self.mesh, self.rules))
+        self.opt_state = jax.device_put(self.opt_state, opt)
         out = (
             state_shardings(self.params, self.mesh, self.rules),
-            state_shardings(self.opt_state, self.mesh, self.rules),
+            opt,
             NamedSharding(self.mesh, PartitionSpec()),  # the metrics, replicated
         )
         self._step = jax.jit(self._step_impl, donate_argnums=(0, 1), out_shardings=out)
