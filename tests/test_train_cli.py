@@ -551,10 +551,13 @@ def test_help_lists_every_flag_with_its_choices(capsys: pytest.CaptureFixture[st
         assert leaf.flag in text, leaf.path
     for flag in (
         "--method {full,lora,qlora}",
-        "--dtype {float32,bfloat16,float64}",
+        "--dtype {auto,float32,bfloat16,float64}",
         "--param-dtype {float32,bfloat16,float64}",
-        "--remat {none,full,dots}",
-        "--attn-impl {einsum,xla,cudnn}",
+        "--remat {none,full,dots,attn_out}",
+        "--attention {auto,cudnn,xla,einsum}",
+        "--offload-optimizer, --no-offload-optimizer",
+        "--mesh AXES",
+        "--coordinator HOST:PORT",
         "--nf4-blocksize {32,64,128,256,512,1024,2048,4096}",
         "--double-quant, --no-double-quant",
         "--on-overflow {truncate,error}",
