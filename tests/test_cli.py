@@ -10,12 +10,8 @@ import pytest
 
 from jax_impl.apps.cli import main
 from jax_impl.model import EngineConfig
-from jax_impl.train.checkpoint import (
-    load_pretrained,
-    load_train_state,
-    save_adapter,
-    save_train_state,
-)
+from jax_impl.train.checkpoint import load_pretrained, save_adapter
+from jax_impl.train.orbax_state import TrainCheckpoints
 from jax_impl.train.trainer import OptimConfig, Trainer
 from ref_numpy import lora as LR
 from ref_numpy.config import LoraConfig, llama_config
@@ -101,9 +97,11 @@ def test_adapter_and_train_state_round_trip(base: Path, tmp_path: Path) -> None:
     trainer = Trainer.create(model, OptimConfig(lr=1e-2, total_steps=5))
     ids = np.random.default_rng(5).integers(0, 61, size=(1, 2, 9))
     trainer.step({"input_ids": ids, "labels": ids})
-    save_train_state(tmp_path / "st", trainer.params, trainer.opt_state, {"step": 1})
+    with TrainCheckpoints(tmp_path / "st", async_save=False) as ckpt:
+        ckpt.save(1, trainer.params, trainer.opt_state, {"step": 1})
     fresh = Trainer.create(load_pretrained(base, LORA)[1], OptimConfig(lr=1e-2, total_steps=5))
-    params, opt_state, meta = load_train_state(tmp_path / "st", fresh.params, fresh.opt_state)
+    with TrainCheckpoints(tmp_path / "st") as ckpt:
+        params, opt_state, meta = ckpt.restore(fresh.params, fresh.opt_state)
     assert meta == {"step": 1}
     for a, b in zip(jnp_leaves(params), jnp_leaves(trainer.params), strict=True):
         np.testing.assert_array_equal(a, b)

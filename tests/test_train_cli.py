@@ -122,6 +122,9 @@ def test_train_writes_an_adapter_and_the_loss_falls(
     assert any("eval_loss" in r for r in rows)
     assert summary["format"] == "chat" and summary["examples"] == 24
     assert 0 < summary["trainable_percent"] < 100
+    resolved = EngineConfig().resolve(CFG)  # auto made concrete: float32 and einsum on a CPU
+    assert summary["engine"]["dtype"] == resolved.dtype != "auto"
+    assert summary["engine"]["attention"] == resolved.attention != "auto"
     lcfg, adapters = load_adapter(out, CFG)
     assert lcfg.rank == 4 and len(adapters) == 2 * 7
     # the engine and the spec agree on the trained model's loss over the file

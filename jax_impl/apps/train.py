@@ -42,7 +42,7 @@ from ref_numpy.lora import selected_paths
 from ref_numpy.nf4 import nf4_bits_per_param
 
 from ..model import EngineConfig, Model, to_spec, trainable_params
-from ..train.checkpoint import load_pretrained, save_adapter
+from ..train.checkpoint import save_adapter
 from ..train.data import (
     DataError,
     Row,
@@ -54,6 +54,7 @@ from ..train.data import (
     unpacked_rows,
 )
 from ..train.orbax_state import TrainCheckpoints
+from ..train.sharded_load import load_sharded
 from ..train.sharding import (
     DistributedConfig,
     MeshConfig,
@@ -427,7 +428,9 @@ def _run(tc: TrainConfig, progress: bool) -> dict[str, Any]:
     record = run_record(tc)
     if resuming:
         check_unchanged(work, record)
-    cfg, model = load_pretrained(tc.model, None if tc.method == "full" else tc.lora, tc.engine)
+    # each device reads its own pieces of the checkpoint: no process holds the whole model
+    lora = None if tc.method == "full" else tc.lora
+    cfg, model = load_sharded(tc.model, lora, tc.engine, mesh)
     rows, held, tok, stats = prepare_rows(tc, max_length, cfg.vocab_size)
     pad_id = tok.pad_id if tok is not None else None  # token-id data may come without one
     buckets = bucket_lengths(max_length)
@@ -619,7 +622,8 @@ def check_unchanged(work: Path, record: dict[str, Any]) -> None:
 def run_summary(
     model: Model, stats: dict[str, Any], steps: int, last: dict[str, Any]
 ) -> dict[str, Any]:
-    """What ``summary.json`` holds: data statistics, steps, trainable and base parameters,
+    """What ``summary.json`` holds: data statistics, steps, trainable and base parameters, the
+    engine config as resolved on this backend (``auto`` dtype and attention made concrete),
     the base's weight memory in 16-bit and in NF4 at the engine's block size (with and
     without double quantization), peak memory and the final train loss."""
     cfg, eng = model.cfg, model.eng
@@ -638,6 +642,7 @@ def run_summary(
         "trainable_params": trainable,
         "trainable_percent": 100.0 * trainable / base,
         "base_params": base,
+        "engine": dataclasses.asdict(eng),  # as resolved for this backend (dtype, attention)
         "nf4_blocksize": eng.nf4_blocksize,
         "double_quant": eng.double_quant,
         "base_weight_gib": {

@@ -5,19 +5,11 @@ onto devices (``model.from_spec``) and back (``model.to_spec``)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
-from typing import Any
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from ref_numpy.config import LoraConfig, ModelConfig
-from ref_numpy.formats import bnb, files, hf, peft
+from ref_numpy.formats import bnb, hf, peft
 from ref_numpy.lora import add_lora, join_lora, projections, split_lora
 from ref_numpy.nf4 import NF4Tensor
 
@@ -95,53 +87,3 @@ def save_adapter(
         base_model_name_or_path=str(base_model),
         overwrite=overwrite,
     )
-
-
-# --- training state: exact resume --------------------------------------------------------
-
-
-def _flat(tree: Any) -> dict[str, np.ndarray]:
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
-
-
-def save_train_state(
-    path: str | os.PathLike[str], params: Any, opt_state: Any, meta: dict[str, Any]
-) -> None:
-    """Write trainable params, optimizer state and ``meta`` (step, data position, seeds) to
-    ``path`` (a directory), atomically: a reader sees the old state or the new, never half."""
-    with files.atomic_dir(path, overwrite=True) as tmp:
-        save_file(_flat(params), str(tmp / "params.safetensors"))
-        save_file(_flat(opt_state), str(tmp / "opt_state.safetensors"))
-        files.write_json(tmp / "state.json", meta)
-
-
-def load_train_state(
-    path: str | os.PathLike[str], params_like: Any, opt_state_like: Any
-) -> tuple[Any, Any, dict[str, Any]]:
-    """Read what ``save_train_state`` wrote into trees shaped like the given ones; every
-    leaf must be present with the same shape and dtype (the error names the leaf)."""
-    path = Path(path)
-
-    def restore(file: Path, like: Any) -> Any:
-        with safe_open(str(file), framework="numpy") as f:
-            stored = {k: f.get_tensor(k) for k in f.keys()}
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
-        out = []
-        for key_path, leaf in leaves:
-            name = jax.tree_util.keystr(key_path)
-            if name not in stored:
-                raise ValueError(f"{file}: missing {name}")
-            value = stored[name]
-            if value.shape != np.shape(leaf) or value.dtype != np.asarray(leaf).dtype:
-                raise ValueError(
-                    f"{file}: {name} is {value.dtype}{list(value.shape)}, expected "
-                    f"{np.asarray(leaf).dtype}{list(np.shape(leaf))}"
-                )
-            out.append(jnp.asarray(value))
-        return jax.tree_util.tree_unflatten(treedef, out)
-
-    meta = json.loads((path / "state.json").read_text())
-    params = restore(path / "params.safetensors", params_like)
-    opt_state = restore(path / "opt_state.safetensors", opt_state_like)
-    return params, opt_state, meta
