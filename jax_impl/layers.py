@@ -120,9 +120,31 @@ def silu(x: Array) -> Array:
     return x * jax.nn.sigmoid(x)
 
 
+@jax.custom_vjp
 def swiglu(gate: Array, up: Array) -> Array:
-    """``silu(gate) * up``. [..., F] -> [..., F]."""
+    """``silu(gate) * up``. [..., F] -> [..., F].
+
+    The backward is the spec's ``swiglu_backward`` and keeps only ``gate`` and ``up``:
+    ``sigmoid(gate)`` is recomputed inside the one pass that forms both cotangents, where
+    autodiff of ``gate * sigmoid(gate) * up`` would keep the sigmoid and the products too,
+    more ``[B, T, F]`` arrays than any other part of a block.
+    """
     return silu(gate) * up  # [...,F]
+
+
+def _swiglu_fwd(gate: Array, up: Array) -> tuple[Array, tuple[Array, Array]]:
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res: tuple[Array, Array], dout: Array) -> tuple[Array, Array]:
+    """``(dgate, dup)``: ``dout * up * s * (1 + gate * (1 - s))`` and ``dout * gate * s``."""
+    gate, up = res
+    s = jax.nn.sigmoid(gate)  # [...,F], again
+    dgate = dout * up * s * (1.0 + gate * (1.0 - s))  # [...,F]
+    return dgate, dout * (gate * s)  # [...,F], [...,F]
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 ACTIVATIONS = {"relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh}
@@ -130,16 +152,41 @@ ACTIVATIONS = {"relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh}
 
 def softmax(x: Array, mask: Array | None = None) -> Array:
     """Masked softmax over the last axis, accumulated in ``acc_dtype``; a fully masked row
-    gives zeros. [..., S] -> [..., S] in x's dtype."""
+    gives zeros. [..., S] -> [..., S] in x's dtype; ``mask`` bool, broadcastable to x."""
     xf = x.astype(acc_dtype(x.dtype))  # [...,S]
-    if mask is not None:
-        xf = jnp.where(mask, xf, -jnp.inf)  # [...,S]
-    m = jax.lax.stop_gradient(xf.max(axis=-1, keepdims=True))  # [...,1]; softmax ignores it
+    p = _masked_softmax(xf, jnp.ones((), bool) if mask is None else mask)  # [...,S]
+    return p.astype(x.dtype)
+
+
+@jax.custom_vjp
+def _masked_softmax(xf: Array, mask: Array) -> Array:
+    """The spec's ``softmax_forward`` on ``xf`` [..., S]; masked entries get 0.
+
+    The backward is the spec's ``softmax_backward``, ``p * (dp - sum(dp * p))``: it keeps
+    only ``p`` for the backward pass and reads it twice. Autodiff of the forward's lines
+    would keep the exponentials, their sums and the mask, and spend several passes over
+    the ``[B, K, G, T, S]`` attention scores.
+    """
+    xf = jnp.where(mask, xf, -jnp.inf)  # [...,S]
+    m = xf.max(axis=-1, keepdims=True)  # [...,1]
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # a fully masked row has max -inf
     e = jnp.exp(xf - m)  # [...,S]; exp(-inf) = 0 at masked entries
     z = e.sum(axis=-1, keepdims=True)  # [...,1]
-    p = e / jnp.where(z > 0, z, 1.0)  # [...,S]
-    return p.astype(x.dtype)
+    return e / jnp.where(z > 0, z, 1.0)  # [...,S]
+
+
+def _masked_softmax_fwd(xf: Array, mask: Array) -> tuple[Array, Array]:
+    p = _masked_softmax(xf, mask)  # [...,S]
+    return p, p
+
+
+def _masked_softmax_bwd(p: Array, dp: Array) -> tuple[Array, None]:
+    """``dx = p * (dp - sum(dp * p))``: zero at masked entries, where p is zero; the mask
+    gets no cotangent."""
+    return p * (dp - (dp * p).sum(axis=-1, keepdims=True)), None  # [...,S]
+
+
+_masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
 
 
 def _loss_sum(logits: Array, targets: Array) -> tuple[Array, Array]:
