@@ -130,7 +130,8 @@ def main() -> None:
         return run_side(args)
     s = SHAPES[args.shape]
     print(json.dumps({"shape": args.shape, "method": args.method, **s, "cpus": os.cpu_count()}))
-    ratios, per_side = [], {"engine": [], "peer": []}
+    ratios: list[float] = []
+    per_side: dict[str, list[float]] = {"engine": [], "peer": []}
     for r in range(args.rounds):
         order = ("engine", "peer") if r % 2 == 0 else ("peer", "engine")
         got = {side: spawn(args, side) for side in order}
