@@ -41,7 +41,7 @@ def adapter(xd: Array, a: Array, b: Array, scale: float) -> Array:
     Its backward is the spec's ``dense_backward`` written out (``_adapter_bwd``) instead of
     left to autodiff. JAX differentiates ``h @ B`` into a product that XLA's CPU backend
     serves by transposing the whole ``[..., O]`` cotangent in memory first, once per adapted
-    projection and step: a sixth of a LoRA training step on CPU, for two rank-R weight
+    projection and step: a quarter of a LoRA training step on CPU, for two rank-R weight
     gradients. Written out, each weight gradient is one product over the flattened token
     axis (``h^T dy``, ``xd^T dh``) that no backend needs to transpose a large operand for.
     """
