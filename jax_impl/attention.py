@@ -215,7 +215,8 @@ class Attention(nnx.Module):
         Args:
           x: [B, T, D].
           positions: [B, T] positions of the queries (used by RoPE).
-          mask: bool [B, T, S]; S = T without a cache, the cache's size with one.
+          mask: bool [B, T, S]; S = T without a cache, the cache's size with one. Without
+            a cache it must hide every later key (``attention_mask`` with ``causal``).
           inv_freq: [H/2] RoPE frequencies, or None for models without RoPE.
           keys: projection name -> dropout key (training), or None.
           cache: the keys and values of earlier positions (the spec's ``past_kv``); this
@@ -248,7 +249,20 @@ class Attention(nnx.Module):
             v = cache.v[layer].astype(q.dtype)  # [B,S,K,H]
             impl = "xla" if impl == "cudnn" else impl  # cuDNN's flash kernel wants T == S
             causal_only = False
-        o = sdpa(q, k, v, mask, impl, causal_only=causal_only)  # [B,T,N,H]
+        if cache is None and impl == "einsum" and t > 1:
+            # Without a cache every mask is causal (padding, packing and windows only take
+            # keys away), so the first C queries see only the first C keys: a quarter of the
+            # [T, S] scores are never formed. The same sums as one call, row by row.
+            c = t // 2
+            o = jnp.concatenate(
+                [
+                    sdpa(q[:, :c], k[:, :c], v[:, :c], mask[:, :c, :c], impl),  # [B,C,N,H]
+                    sdpa(q[:, c:], k, v, mask[:, c:], impl),  # [B,T-C,N,H]
+                ],
+                axis=1,
+            )  # [B,T,N,H]
+        else:
+            o = sdpa(q, k, v, mask, impl, causal_only=causal_only)  # [B,T,N,H]
         o = o.reshape(b, t, n * h)  # [B,T,N,H] -> [B,T,NH]
         o = checkpoint_name(o, ATTN_OUT)  # what remat "attn_out" keeps
         y = self._proj("c_proj" if self.fused else "o_proj", o, keys)  # [B,T,NH] -> [B,T,D]
