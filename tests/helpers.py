@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,3 +55,16 @@ def leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield from leaves(v, f"{prefix}{i}.")
     else:
         yield prefix[:-1], tree
+
+
+def simulated_devices_env(devices: int) -> dict[str, str]:
+    """This process's environment for a subprocess that sees ``devices`` CPU devices (and no
+    multi-process settings of its own); small programs compile faster without LLVM's
+    expensive passes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_"))}
+    env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={devices} "
+        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    )
+    return env

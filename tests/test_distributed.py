@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -31,7 +30,7 @@ from jax_impl.train.data import Row, batches, save_byte_tokenizer
 from jax_impl.train.sharding import MeshConfig, make_mesh, process_rows
 from ref_numpy.formats.hf import save_model
 from ref_numpy.model import init_params
-from tests.helpers import RTOL
+from tests.helpers import RTOL, simulated_devices_env
 from tests.test_train_cli import CFG, write_chat_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,14 +171,7 @@ def free_port() -> int:
 
 def launch(args: list[str], logs: Path) -> list[subprocess.Popen]:
     """Both processes of a run of two, 4 CPU devices each; their output goes to ``logs``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_"))}
-    env |= {
-        "PYTHONPATH": str(ROOT),
-        "JAX_PLATFORMS": "cpu",
-        # 4 devices per process; small runs compile faster without LLVM's expensive passes
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
-        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
-    }
+    env = simulated_devices_env(4) | {"PYTHONPATH": str(ROOT)}  # 4 devices per process
     flags = ["--coordinator", f"localhost:{free_port()}", "--num-processes", "2"]
     flags += ["--heartbeat-timeout", str(HEARTBEAT)]
     logs.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ simulated CPU devices, so the rest of the suite keeps one device.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from jax_impl.train.sharding import MeshConfig, make_mesh
 from ref_numpy.config import LoraConfig
 from ref_numpy.formats import bnb
 from ref_numpy.formats.hf import CheckpointError
+from tests.helpers import simulated_devices_env
 from tests.sharded_load_worker import CASES, MESHES, PERTURB, engine
 
 torch = pytest.importorskip("torch")
@@ -276,13 +276,7 @@ def test_nan_in_a_weight_to_quantize_is_named(checkpoints: Path, tmp_path: Path)
 
 
 def worker(*args: str, timeout: int = 600) -> dict[str, Any]:
-    env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
-    # 8 CPU devices; the tiny programs compile faster without LLVM's expensive passes
-    env["XLA_FLAGS"] = (
-        "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-        "--xla_llvm_disable_expensive_passes=true"
-    )
+    env = simulated_devices_env(8)
     proc = subprocess.run(
         [sys.executable, "-m", "tests.sharded_load_worker", *args],
         cwd=ROOT,

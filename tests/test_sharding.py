@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ from jax_impl.train.sharding import (
 )
 from jax_impl.train.trainer import OptimConfig, Trainer, optimizer
 from ref_numpy.config import LoraConfig
-from tests.helpers import RTOL
+from tests.helpers import RTOL, simulated_devices_env
 from tests.sharding_worker import MESHES, SAVED_AT
 from tests.test_model import CONFIGS
 
@@ -303,13 +302,7 @@ def test_checkpoints_round_trip_keep_the_newest_and_refuse_a_misfit(tmp_path: Pa
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The worker's report (see ``tests/sharding_worker.py``)."""
     out = tmp_path_factory.mktemp("mesh")
-    env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
-    # 8 CPU devices; the tiny runs compile faster without LLVM's expensive passes
-    env["XLA_FLAGS"] = (
-        "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-        "--xla_llvm_disable_expensive_passes=true"
-    )
+    env = simulated_devices_env(8)
     proc = subprocess.run(
         [sys.executable, "-m", "tests.sharding_worker", str(out)],
         cwd=ROOT,

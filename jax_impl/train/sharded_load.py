@@ -32,11 +32,10 @@ keeps it fused, with its own logical axis), so there is no whole-tensor fallback
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, so safetensors c
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from ref_numpy.config import LoraConfig, ModelConfig
 from ref_numpy.formats import bnb, hf
@@ -94,17 +93,6 @@ class Entry:
 # --- reading slices -----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _open(file: Path) -> Iterator[Any]:
-    try:
-        with safe_open(str(file), framework="numpy") as f:
-            yield f
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: no such file (named by the checkpoint index)") from None
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-
-
 def scan(model_dir: Path) -> dict[str, Entry]:
     """``{tensor name: Entry}`` of every tensor of a single-file or sharded checkpoint, from
     the file headers. Raises CheckpointError naming the file for a tensor the index lists but
@@ -115,7 +103,7 @@ def scan(model_dir: Path) -> dict[str, Entry]:
         by_file.setdefault(file, []).append(name)
     out: dict[str, Entry] = {}
     for file, names in by_file.items():
-        with _open(file) as f:
+        with hf.open_safetensors(file) as f:
             present = set(f.keys())
             for name in names:
                 if name not in present:
@@ -128,7 +116,7 @@ def scan(model_dir: Path) -> dict[str, Entry]:
 
 def read_slice(file: Path, name: str, index: Index) -> np.ndarray:
     """``file[name][index]`` (a tuple of unit-step slices), the file open only meanwhile."""
-    with _open(file) as f:
+    with hf.open_safetensors(file) as f:
         try:
             return np.asarray(f.get_slice(name)[index])
         except (SafetensorError, OSError) as e:
@@ -213,17 +201,6 @@ def _is_projection(t: HFTensor) -> bool:
 def _weight_shape(t: HFTensor) -> tuple[int, ...]:
     """PyTorch ``(out, in)`` of a projection (GPT-2's Conv1D file holds ``(in, out)``)."""
     return t.shape if t.transpose else t.shape[::-1]
-
-
-def _check_names(model_dir: Path, expected: list[str], entries: dict[str, Entry]) -> None:
-    """hf.load_model's checks, with its messages: no unexpected, no missing tensor."""
-    names = set(expected)
-    extra = sorted(n for n in entries if n not in names and not n.endswith(hf.IGNORED_SUFFIXES))
-    if extra:
-        raise CheckpointError(f"{model_dir}: unexpected tensors {extra[:5]} for this config")
-    missing = sorted(n for n in expected if n not in entries)
-    if missing:
-        raise CheckpointError(f"{model_dir}: missing tensors {missing[:5]}")
 
 
 def _check_float(t: HFTensor, entry: Entry) -> None:
@@ -576,7 +553,7 @@ def load_sharded(
         )
     else:
         expected = hf.hf_tensors(cfg)
-        _check_names(model_dir, [t.name for t in expected], entries)
+        hf.check_tensor_names(model_dir, [t.name for t in expected], entries)
         for t in expected:
             _check_float(t, entries[t.name])
         order = [t.path for t in expected]

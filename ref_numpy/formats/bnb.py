@@ -482,12 +482,7 @@ def plan(
         nf4_parts[t.name] = present
         for part in present - {"weight"}:
             owner[t.name + PARTS[part]] = (t, part)
-    extra = sorted(n for n in files if n not in owner and not n.endswith(hf.IGNORED_SUFFIXES))
-    if extra:
-        raise CheckpointError(f"{model_dir}: unexpected tensors {extra[:5]} for this config")
-    missing = sorted(n for n in owner if n not in files)
-    if missing:
-        raise CheckpointError(f"{model_dir}: missing tensors {missing[:5]}")
+    hf.check_tensor_names(model_dir, owner, files)
     return owner, nf4_parts
 
 

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -457,7 +457,7 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
             raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
         return {name: model_dir / file for name, file in weight_map.items()}
     if single.exists():
-        with _open(single) as f:
+        with open_safetensors(single) as f:
             return dict.fromkeys(f.keys(), single)
     raise CheckpointError(
         f"{model_dir}: no model.safetensors or model.safetensors.index.json "
@@ -465,8 +465,23 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
     )
 
 
+def check_tensor_names(model_dir: Path, expected: Iterable[str], present: Iterable[str]) -> None:
+    """Raise CheckpointError naming the first few tensors ``present`` in ``model_dir`` that
+    this config does not have (other than ``IGNORED_SUFFIXES``), or ``expected`` ones it
+    lacks."""
+    want, have = set(expected), set(present)
+    extra = sorted(n for n in have if n not in want and not n.endswith(IGNORED_SUFFIXES))
+    if extra:
+        raise CheckpointError(f"{model_dir}: unexpected tensors {extra[:5]} for this config")
+    missing = sorted(want - have)
+    if missing:
+        raise CheckpointError(f"{model_dir}: missing tensors {missing[:5]}")
+
+
 @contextlib.contextmanager
-def _open(path: Path) -> Iterator[Any]:
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open(path)`` (NumPy arrays), with a CheckpointError naming the file when it is
+    missing or unreadable."""
     try:
         with safe_open(str(path), framework="numpy") as f:
             yield f
@@ -482,7 +497,7 @@ def iter_tensors(files: dict[str, Path]) -> Iterator[tuple[str, np.ndarray]]:
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
-        with _open(file) as f:
+        with open_safetensors(file) as f:
             present = set(f.keys())
             for name in names:
                 if name not in present:
@@ -533,12 +548,7 @@ def load_model(
     cfg = load_config(model_dir)
     expected = {t.name: t for t in hf_tensors(cfg)}
     files = weight_files(model_dir)
-    extra = sorted(n for n in files if n not in expected and not n.endswith(IGNORED_SUFFIXES))
-    if extra:
-        raise CheckpointError(f"{model_dir}: unexpected tensors {extra[:5]} for this config")
-    missing = sorted(n for n in expected if n not in files)
-    if missing:
-        raise CheckpointError(f"{model_dir}: missing tensors {missing[:5]}")
+    check_tensor_names(model_dir, expected, files)
     values: dict[str, Any] = {}
     for name, array in iter_tensors({n: f for n, f in files.items() if n in expected}):
         t = expected[name]
