@@ -2,8 +2,8 @@
 
 Two implementations of ``softmax(Q K^T / sqrt(H) + mask) V``, selectable per model:
 
-* ``"einsum"`` spells out the spec's einsums (``"BTKGH,BSKH->BKGTS"``): the reference path,
-  any backend, any dtype.
+* ``"einsum"`` is the spec's ``sdpa_forward`` and ``sdpa_backward`` written out with the heads
+  in front (``"BKGTH,BKSH->BKGTS"``): the reference path, any backend, any dtype.
 * ``"xla"`` / ``"cudnn"`` call ``jax.nn.dot_product_attention`` (cuDNN's fused flash kernel on
   GPUs with ``"cudnn"``). Both take K/V with fewer heads than Q directly. A plain causal mask
   (no padding, packing, window or cache) is passed as ``is_causal`` rather than as a
@@ -149,9 +149,7 @@ def sdpa(
     Returns:
       [B, T, N, H] in q's dtype. A query that may see no key gets zeros.
     """
-    b, t, n, h = q.shape
-    kv = k.shape[2]
-    if impl == "cudnn" and not causal_only and (t % 2 or k.shape[1] % 2):
+    if impl == "cudnn" and not causal_only and (q.shape[1] % 2 or k.shape[1] % 2):
         impl = "xla"  # cuDNN takes a mask as an additive bias, which needs even T and S
     if impl != "einsum":
         implementation = None if impl == "xla" else impl
@@ -163,13 +161,72 @@ def sdpa(
             q, k, v, mask=mask[:, None], implementation=implementation
         )  # [B,T,N,H]
         return out * mask.any(axis=-1)[:, :, None, None].astype(out.dtype)  # empty rows -> 0
+    return _sdpa_heads(q, k, v, mask)  # [B,T,N,H]
+
+
+def _heads(x: Array, kv: int) -> Array:
+    """[B, T, N, H] -> head-major [B, K, G, T, H] (N = K * G)."""
+    b, t, n, h = x.shape
+    return x.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,H]
+
+
+def _unheads(x: Array) -> Array:
+    """Head-major [B, K, G, T, H] -> [B, T, N, H]."""
+    b, kv, g, t, h = x.shape
+    return x.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, h)  # [B,T,N,H]
+
+
+def _sdpa_heads_fwd(
+    q: Array, k: Array, v: Array, mask: Array
+) -> tuple[Array, tuple[Array, Array, Array, Array]]:
     acc = acc_dtype(q.dtype)  # scores, probabilities and their sums stay in float32 or wider
-    qg = q.reshape(b, t, kv, n // kv, h)  # [B,T,N,H] -> [B,T,K,G,H]
-    scale = 1.0 / math.sqrt(h)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=acc)  # [B,K,G,T,S]
+    qh = _heads(q, k.shape[2])  # [B,T,N,H] -> [B,K,G,T,H]
+    kh = k.transpose(0, 2, 1, 3)  # [B,S,K,H] -> [B,K,S,H]
+    vh = v.transpose(0, 2, 1, 3)  # [B,S,K,H] -> [B,K,S,H]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("BKGTH,BKSH->BKGTS", qh, kh, preferred_element_type=acc)  # [B,K,G,T,S]
     probs = softmax(scores * scale, mask[:, None, None])  # [B,K,G,T,S]
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(acc))  # [B,T,K,G,H]
-    return out.reshape(b, t, n, h).astype(q.dtype)  # [B,T,K,G,H] -> [B,T,N,H]
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, vh.astype(acc))  # [B,K,G,T,H]
+    return _unheads(out).astype(q.dtype), (qh, kh, vh, probs)  # [B,T,N,H]
+
+
+@jax.custom_vjp
+def _sdpa_heads(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """The spec's ``sdpa_forward`` with the heads moved in front of the positions.
+
+    Every product is then a plain batched matrix product over (B, K) with the G query heads
+    of a kv head stacked as rows: ``[G*T, H] @ [H, S]`` and ``[G*T, S] @ [S, H]``. The
+    backward is the spec's ``sdpa_backward`` written out in the same layout, keeping only
+    q, k, v and the probabilities. Autodiff of the ``"BTKGH,BSKH->BKGTS"`` einsums instead
+    transposes the ``[B, K, G, T, S]`` probabilities and their cotangent in memory, several
+    copies per layer and step on XLA's CPU backend.
+    """
+    return _sdpa_heads_fwd(q, k, v, mask)[0]
+
+
+def _sdpa_heads_bwd(
+    res: tuple[Array, Array, Array, Array], dout: Array
+) -> tuple[Array, Array, Array, None]:
+    """``(dq, dk, dv)`` as ``sdpa_backward``; each kv head sums the gradients of the G
+    queries it served. The mask gets no cotangent."""
+    qh, kh, vh, probs = res
+    acc = probs.dtype
+    scale = 1.0 / math.sqrt(qh.shape[-1])
+    dg = _heads(dout.astype(acc), kh.shape[1])  # [B,T,N,H] -> [B,K,G,T,H]
+    dv = jnp.einsum("BKGTS,BKGTH->BKSH", probs, dg)  # [B,K,S,H]
+    dprobs = jnp.einsum("BKGTH,BKSH->BKGTS", dg, vh.astype(acc))  # [B,K,G,T,S]
+    dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdims=True)) * scale  # [B,K,G,T,S]
+    dq = jnp.einsum("BKGTS,BKSH->BKGTH", dscores, kh.astype(acc))  # [B,K,G,T,H]
+    dk = jnp.einsum("BKGTS,BKGTH->BKSH", dscores, qh.astype(acc))  # [B,K,S,H]
+    return (
+        _unheads(dq).astype(qh.dtype),  # [B,T,N,H]
+        dk.transpose(0, 2, 1, 3).astype(kh.dtype),  # [B,S,K,H]
+        dv.transpose(0, 2, 1, 3).astype(vh.dtype),  # [B,S,K,H]
+        None,
+    )
+
+
+_sdpa_heads.defvjp(_sdpa_heads_fwd, _sdpa_heads_bwd)
 
 
 class Attention(nnx.Module):

@@ -23,6 +23,7 @@ from jax_impl.train.trainer import (
     check_host_offload,
     fit,
 )
+from ref_numpy.attention import sdpa_backward, sdpa_forward
 from ref_numpy.config import LoraConfig, ModelConfig, llama_config
 from ref_numpy.model import model_forward
 from tests.helpers import RTOL, rel_err
@@ -40,6 +41,43 @@ def packed_inputs(rng: np.random.Generator) -> dict[str, np.ndarray]:
     pad[1, 5:] = 0
     pad[2, 6] = 0  # the last segment of row 2 is padding: its query sees nothing
     return {"ids": ids, "segment_ids": seg, "positions": pos, "attention_mask_2d": pad}
+
+
+def test_einsum_attention_backward_is_the_specs() -> None:
+    """The einsum path's written-out backward (head-major ``_sdpa_heads``) gives the spec's
+    ``sdpa_backward``: grouped heads, a packed and padded mask and a query that sees no key
+    (zero output, zero gradient). A cotangent through another mask is caught."""
+    rng = np.random.default_rng(4)
+    b, t, n, kv, h = 3, 7, 4, 2, 8
+    q = rng.normal(size=(b, t, n, h)).astype(np.float32)  # [B,T,N,H]
+    k, v = (rng.normal(size=(b, t, kv, h)).astype(np.float32) for _ in range(2))  # [B,S,K,H]
+    dout = rng.normal(size=(b, t, n, h)).astype(np.float32)  # [B,T,N,H]
+    data = packed_inputs(rng)
+    mask = np.asarray(
+        attention_mask(
+            b,
+            t,
+            t,
+            padding=jnp.asarray(data["attention_mask_2d"]),
+            segment_ids=jnp.asarray(data["segment_ids"]),
+        )
+    )  # [B,T,S]
+    assert not mask[2, 6].any()  # row 2's last query sees nothing
+    out_ref, cache = sdpa_forward(q, k, v, mask)
+    want = sdpa_backward(dout, cache)  # dq, dk, dv
+
+    def grads(m: np.ndarray) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        out, vjp = jax.vjp(lambda q, k, v: sdpa(q, k, v, jnp.asarray(m), "einsum"), q, k, v)
+        return out, vjp(jnp.asarray(dout))
+
+    out, got = grads(mask)
+    assert rel_err(np.asarray(out), out_ref) <= RTOL["float32"]
+    for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
+        assert rel_err(np.asarray(g), w) <= RTOL["float32"], name
+    assert not np.asarray(out)[2, 6].any() and not np.asarray(got[0])[2, 6].any()
+    causal = np.asarray(attention_mask(b, t, t))  # [B,T,S]: forgets the packing and padding
+    _, other = grads(causal)
+    assert rel_err(np.asarray(other[1]), want[1]) > 100 * RTOL["float32"]
 
 
 @pytest.mark.parametrize("impl", ["einsum", "xla"])
