@@ -16,6 +16,11 @@ the peer loads it through transformers' ``BitsAndBytesConfig`` with float32 comp
     python bench/cpu_train.py                       # needs the interop extra
     python bench/cpu_train.py --shape smollm2-135m --rounds 3
 
+The engine side runs under the glibc tunable ``glibc.malloc.hugetlb=1``, as ``qlora-spec``
+does (``jax_impl/apps/hugepages.py``), the peer in the environment as it is, as PEFT's users
+run it (under the tunable its steps become bimodal on a 2-core AMD EPYC, 1.06-1.80 s against
+1.16-1.29 s); ``--no-huge-pages`` runs the engine without it too. The first line prints both.
+
 A peer figure far below what transformers + PEFT do on the machine (about 2,900 tokens/s for
 the default shape on a 2-core Xeon) means a loaded machine, not a fast engine: the spread of
 each side over the rounds is printed to show it.
@@ -108,10 +113,24 @@ def run_side(args: argparse.Namespace) -> None:
     print(json.dumps(out))
 
 
-def spawn(args: argparse.Namespace, side: str) -> dict:
+def engine_env(huge_pages: bool) -> dict[str, str]:
+    """The engine side's environment: this one, with ``glibc.malloc.hugetlb=1`` added to
+    ``GLIBC_TUNABLES`` when ``huge_pages`` and the system has glibc and transparent huge pages."""
+    import platform
+
+    from jax_impl.apps.hugepages import huge_pages_env, thp_mode
+
+    env = dict(os.environ)
+    value = huge_pages_env(env, platform.libc_ver()[0], thp_mode()) if huge_pages else None
+    if value is not None:
+        env["GLIBC_TUNABLES"] = value
+    return env
+
+
+def spawn(args: argparse.Namespace, side: str, env: dict[str, str]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--shape", args.shape]
     cmd += ["--method", args.method, "--warmup", str(args.warmup), "--steps", str(args.steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         sys.exit(f"{side} side failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -124,17 +143,25 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of both sides")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per process")
     p.add_argument("--steps", type=int, default=8, help="timed steps per process")
+    p.add_argument(
+        "--no-huge-pages",
+        action="store_true",
+        help="run the engine side without glibc.malloc.hugetlb=1 too",
+    )
     p.add_argument("--side", choices=["engine", "peer"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
         return run_side(args)
     s = SHAPES[args.shape]
-    print(json.dumps({"shape": args.shape, "method": args.method, **s, "cpus": os.cpu_count()}))
+    envs = {"engine": engine_env(not args.no_huge_pages), "peer": dict(os.environ)}
+    head = {"shape": args.shape, "method": args.method, **s, "cpus": os.cpu_count()}
+    tunables = {side: env.get("GLIBC_TUNABLES") for side, env in envs.items()}
+    print(json.dumps({**head, "GLIBC_TUNABLES": tunables}))
     ratios: list[float] = []
     per_side: dict[str, list[float]] = {"engine": [], "peer": []}
     for r in range(args.rounds):
         order = ("engine", "peer") if r % 2 == 0 else ("peer", "engine")
-        got = {side: spawn(args, side) for side in order}
+        got = {side: spawn(args, side, envs[side]) for side in order}
         for side in order:
             per_side[side].append(got[side]["tokens_per_s"])
             print(json.dumps({"round": r + 1, **got[side]}))
