@@ -12,7 +12,10 @@ scan's stacked residuals), broadcast fills and the rest.
     python bench/profile_cpu.py --shape smollm2-135m --layers 4 --top 40
 
 Times are wall-clock per operation, so a loaded machine inflates them all; read the shares,
-and compare variants in one process, one step after the other.
+and compare variants in one process, one step after the other. ``qlora-spec`` runs under
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (``jax_impl/apps/hugepages.py``); set it here too
+to profile the step as the command runs it (without it, first touches of the step's fresh
+temporaries show up as slow broadcast fills).
 """
 
 from __future__ import annotations
