@@ -15,7 +15,7 @@ import sys
 import types
 import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from ref_numpy.nf4 import BLOCKSIZES, DEFAULT_BLOCKSIZE, nf4_bits_per_param
 
@@ -504,15 +504,17 @@ def _memory(n_params: float, blocksize: int) -> None:
         print(f"{name:<20} {bits:>10.4f} {n_params * bits / 8 / 2**30:>8.3f}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit status.
+def console() -> NoReturn:
+    """The ``qlora-spec`` console script and ``python -m jax_impl.apps.cli``: the process first
+    executes itself once more under ``glibc.malloc.hugetlb=1`` (``hugepages``), which spares
+    XLA's CPU runtime a page fault per 4 KiB of every step's temporaries, then runs ``main``
+    on the command line and exits with its status."""
+    reexec_with_huge_pages()
+    raise SystemExit(main())
 
-    Run as the console script (``argv`` None), the process first executes itself once more
-    under ``glibc.malloc.hugetlb=1`` (``hugepages``), which spares XLA's CPU runtime a page
-    fault per 4 KiB of every step's temporaries.
-    """
-    if argv is None:
-        reexec_with_huge_pages()
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command (``argv``, default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -573,4 +575,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console()
