@@ -116,15 +116,9 @@ def run_side(args: argparse.Namespace) -> None:
 def engine_env(huge_pages: bool) -> dict[str, str]:
     """The engine side's environment: this one, with ``glibc.malloc.hugetlb=1`` added to
     ``GLIBC_TUNABLES`` when ``huge_pages`` and the system has glibc and transparent huge pages."""
-    import platform
+    from jax_impl.apps.hugepages import with_huge_pages
 
-    from jax_impl.apps.hugepages import huge_pages_env, thp_mode
-
-    env = dict(os.environ)
-    value = huge_pages_env(env, platform.libc_ver()[0], thp_mode()) if huge_pages else None
-    if value is not None:
-        env["GLIBC_TUNABLES"] = value
-    return env
+    return (with_huge_pages(os.environ) if huge_pages else None) or dict(os.environ)
 
 
 def spawn(args: argparse.Namespace, side: str, env: dict[str, str]) -> dict:

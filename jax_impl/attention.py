@@ -34,7 +34,7 @@ from jax.ad_checkpoint import checkpoint_name
 from ref_numpy.config import ModelConfig, attn_shapes
 from ref_numpy.positional import rope_attention_factor
 
-from .layers import Norm, acc_dtype, softmax
+from .layers import Norm, acc_dtype, softmax, softmax_backward
 from .lora import Dense
 from .positional import rope
 
@@ -215,7 +215,7 @@ def _sdpa_heads_bwd(
     dg = _heads(dout.astype(acc), kh.shape[1])  # [B,T,N,H] -> [B,K,G,T,H]
     dv = jnp.einsum("BKGTS,BKGTH->BKSH", probs, dg)  # [B,K,S,H]
     dprobs = jnp.einsum("BKGTH,BKSH->BKGTS", dg, vh.astype(acc))  # [B,K,G,T,S]
-    dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdims=True)) * scale  # [B,K,G,T,S]
+    dscores = softmax_backward(probs, dprobs) * scale  # [B,K,G,T,S]
     dq = jnp.einsum("BKGTS,BKSH->BKGTH", dscores, kh.astype(acc))  # [B,K,G,T,H]
     dk = jnp.einsum("BKGTS,BKGTH->BKSH", dscores, qh.astype(acc))  # [B,K,S,H]
     return (

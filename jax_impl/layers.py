@@ -180,10 +180,15 @@ def _masked_softmax_fwd(xf: Array, mask: Array) -> tuple[Array, Array]:
     return p, p
 
 
+def softmax_backward(p: Array, dp: Array) -> Array:
+    """The spec's ``softmax_backward``: ``dx = p * (dp - sum(dp * p))`` over the last axis,
+    zero at masked entries, where p is zero. [..., S], [..., S] -> [..., S]."""
+    return p * (dp - (dp * p).sum(axis=-1, keepdims=True))  # [...,S]
+
+
 def _masked_softmax_bwd(p: Array, dp: Array) -> tuple[Array, None]:
-    """``dx = p * (dp - sum(dp * p))``: zero at masked entries, where p is zero; the mask
-    gets no cotangent."""
-    return p * (dp - (dp * p).sum(axis=-1, keepdims=True)), None  # [...,S]
+    """``softmax_backward``; the mask gets no cotangent."""
+    return softmax_backward(p, dp), None  # [...,S]
 
 
 _masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)

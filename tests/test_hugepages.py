@@ -65,8 +65,8 @@ def test_the_process_runs_again_with_the_tunable_and_the_same_pid() -> None:
 
 
 def test_the_console_script_runs_under_the_tunable() -> None:
-    """``python -m jax_impl.apps.cli`` (as the console script) re-executes before parsing,
-    and a command still runs to its output."""
+    """``python -m jax_impl.apps.cli`` goes the console script's way (``console``: the
+    re-execution tested above, then ``main``) and a command still runs to its output."""
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     proc = subprocess.run(
         [sys.executable, "-m", "jax_impl.apps.cli", "memory", "--params", "1e6"],

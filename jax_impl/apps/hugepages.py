@@ -52,14 +52,20 @@ def huge_pages_env(env: Mapping[str, str], libc: str, thp: str | None) -> str | 
     return f"{current}:{TUNABLE}=1" if current else f"{TUNABLE}=1"
 
 
+def with_huge_pages(env: Mapping[str, str]) -> dict[str, str] | None:
+    """A copy of ``env`` with ``glibc.malloc.hugetlb=1`` added to ``GLIBC_TUNABLES`` on this
+    system, or None when there is nothing to add (``huge_pages_env``)."""
+    value = huge_pages_env(env, platform.libc_ver()[0], thp_mode())
+    return None if value is None else {**env, "GLIBC_TUNABLES": value}
+
+
 def reexec_with_huge_pages() -> None:
-    """Execute this process again, same interpreter, arguments and process id, with
-    ``glibc.malloc.hugetlb=1`` added to ``GLIBC_TUNABLES``; returns when nothing is to add
-    (``huge_pages_env``), so the second run goes on."""
-    value = huge_pages_env(os.environ, platform.libc_ver()[0], thp_mode())
-    if value is None:
+    """Execute this process again, same interpreter, arguments and process id, under
+    ``with_huge_pages``; returns when there is nothing to add, so the second run goes on."""
+    env = with_huge_pages(os.environ)
+    if env is None:
         return
-    os.environ["GLIBC_TUNABLES"] = value
+    os.environ["GLIBC_TUNABLES"] = env["GLIBC_TUNABLES"]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
