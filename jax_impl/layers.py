@@ -194,15 +194,22 @@ def _masked_softmax_bwd(p: Array, dp: Array) -> tuple[Array, None]:
 _masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
 
 
-def _loss_sum(logits: Array, targets: Array) -> tuple[Array, Array]:
-    """``(sum of token cross-entropies over targets != -100, their count)``, in ``acc_dtype``.
-    logits [..., V], targets int [...]."""
+def _row_loss_sums(logits: Array, targets: Array) -> tuple[Array, Array]:
+    """``(sum of token cross-entropies over targets != -100, their count)`` per row, in
+    ``acc_dtype``. logits [B, T, V], targets int [B, T] -> [B], [B]."""
     lf = logits.astype(acc_dtype(logits.dtype))  # [B,T,V]
     valid = targets != IGNORE_INDEX  # [B,T]
     safe = jnp.where(valid, targets, 0)  # [B,T]
     lse = jax.nn.logsumexp(lf, axis=-1)  # [B,T,V] -> [B,T]
     picked = jnp.take_along_axis(lf, safe[..., None], axis=-1)[..., 0]  # [B,T]
-    return jnp.where(valid, lse - picked, 0.0).sum(), valid.sum()  # [B,T] -> [], []
+    return jnp.where(valid, lse - picked, 0.0).sum(-1), valid.sum(-1)  # [B,T] -> [B], [B]
+
+
+def _loss_sum(logits: Array, targets: Array) -> tuple[Array, Array]:
+    """``(sum of token cross-entropies over targets != -100, their count)``, in
+    ``acc_dtype``. logits [B, T, V], targets int [B, T] -> [], []."""
+    sums, counts = _row_loss_sums(logits, targets)  # [B], [B]
+    return sums.sum(), counts.sum()
 
 
 def cross_entropy(logits: Array, targets: Array) -> tuple[Array, Array]:
@@ -234,6 +241,36 @@ def chunked_cross_entropy(
     Returns:
       (scalar mean loss in ``acc_dtype``, int count), as ``cross_entropy``.
     """
+    total, count = _chunked(x, head, targets, chunk, _loss_sum, ())
+    return total / jnp.maximum(count, 1), count
+
+
+def row_cross_entropy(
+    x: Array, head: Callable[[Array], Array], targets: Array, chunk: int
+) -> tuple[Array, Array]:
+    """Per row: the summed token cross-entropy of ``head(x)`` over targets != -100 and their
+    count, the logits made ``chunk`` positions at a time as ``chunked_cross_entropy`` makes
+    them (``chunk`` 0, or at least T: all at once).
+
+    Args: x [B, T, D]; head [B, C, D] -> [B, C, V]; targets int [B, T]. Returns ([B] in
+    ``acc_dtype``, int [B]).
+    """
+    b, t, _ = x.shape
+    if not 0 < chunk < t:
+        return _row_loss_sums(head(x), targets)  # [B], [B]
+    return _chunked(x, head, targets, chunk, _row_loss_sums, (b,))
+
+
+def _chunked(
+    x: Array,
+    head: Callable[[Array], Array],
+    targets: Array,
+    chunk: int,
+    sums: Callable[[Array, Array], tuple[Array, Array]],
+    shape: tuple[int, ...],
+) -> tuple[Array, Array]:
+    """``sums(head(x), targets)`` added up over chunks of ``chunk`` positions, each chunk's
+    logits recomputed for its gradient; ``shape`` is the shape of what ``sums`` returns."""
     b, t, d = x.shape
     n = -(-t // chunk)
     pad = n * chunk - t
@@ -242,15 +279,15 @@ def chunked_cross_entropy(
 
     @jax.checkpoint
     def piece(xc: Array, tc: Array) -> tuple[Array, Array]:
-        return _loss_sum(head(xc), tc)  # [B,C,D] -> [B,C,V] -> [], []
+        return sums(head(xc), tc)  # [B,C,D] -> [B,C,V] -> shape, shape
 
     def body(carry: tuple[Array, Array], xt: tuple[Array, Array]) -> tuple[Any, None]:
         total, count = piece(*xt)
         return (carry[0] + total, carry[1] + count.astype(carry[1].dtype)), None
 
-    init = (jnp.zeros((), acc_dtype(x.dtype)), jnp.zeros((), jnp.int32))
+    init = (jnp.zeros(shape, acc_dtype(x.dtype)), jnp.zeros(shape, jnp.int32))
     (total, count), _ = jax.lax.scan(body, init, (xs.swapaxes(0, 1), ts.swapaxes(0, 1)))
-    return total / jnp.maximum(count, 1), count
+    return total, count
 
 
 # --- modules --------------------------------------------------------------------------

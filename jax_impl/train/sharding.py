@@ -260,21 +260,22 @@ def process_rows(mesh: Mesh, batch_size: int, rules: Rules = RULES) -> tuple[int
 
 
 def shard_batch(batch: dict[str, Any], mesh: Mesh, rules: Rules = RULES) -> dict[str, Array]:
-    """A batch of arrays ``[A, B, T]`` placed with rows B split over ``data`` x ``fsdp``.
+    """A batch of arrays ``[A, B, T]`` (or ``[A, B]``, one value per row) placed with rows B
+    split over ``data`` x ``fsdp``.
 
     ``batch`` holds this process's rows (``process_rows``; all of them in a single-process
     run); the global array is assembled with ``jax.make_array_from_process_local_data``.
-    Raises ValueError if an array is not 3-D or its rows do not divide over the devices.
+    Raises ValueError if an array is not 2-D or 3-D or its rows do not divide over the devices.
     """
     spec = batch_spec(mesh, rules)
     rows = spec[1]
     split, held = _row_blocks(mesh, rules)
-    sharding = NamedSharding(mesh, spec)
     out = {}
     for name, value in batch.items():
         value = np.asarray(value)
-        if value.ndim != 3:
+        if value.ndim not in (2, 3):
             raise ValueError(f"batch[{name!r}]: expected [A, B, T], got shape {value.shape}")
+        sharding = NamedSharding(mesh, PartitionSpec(*spec[: value.ndim]))
         if value.shape[1] % held:
             rows_global = value.shape[1] * split // held
             raise ValueError(
@@ -337,6 +338,8 @@ class MeshTrainer(Trainer):
         super().__post_init__()
         self.params = shard_state(self.params, self.mesh, self.rules)
         self.rest = shard_state(self.rest, self.mesh, self.rules)
+        if self.ref_params is not None:  # full DPO's frozen reference, laid out as params
+            self.ref_params = shard_state(self.ref_params, self.mesh, self.rules)
         # AdamW's moments in host memory with --offload-optimizer, sharded all the same
         opt = self.opt_state_shardings(state_shardings(self.opt_state, self.mesh, self.rules))
         self.opt_state = jax.device_put(self.opt_state, opt)

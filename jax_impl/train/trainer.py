@@ -41,8 +41,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ref_numpy.preference import LossType, check_preference_args
+
 from ..layers import chunked_cross_entropy, cross_entropy
 from ..model import Model
+from ..preference import REWARD_METRICS, preference_loss_sum, reward_sums, sequence_logps
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -105,6 +108,49 @@ class OptimConfig:
         return dataclasses.replace(self, total_steps=max(steps, self.warmup_steps + 1))
 
 
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """Preference tuning (``--objective dpo``): DPO, its conservative (label-smoothed) form,
+    or IPO, over pairs of completions (``ref_numpy.preference``).
+
+    The reference policy is the model the run starts from: under LoRA / QLoRA the same
+    parameters with the adapters off, computed in the same step (no second model); under full
+    fine-tuning a frozen copy of the starting weights, or, with ``precompute_ref``,
+    log-probabilities computed once per pair before training (no copy in memory).
+    """
+
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "strength of the KL penalty to the reference policy (DPO's beta)"},
+    )
+    loss_type: LossType = field(
+        default="sigmoid",
+        metadata={"help": "sigmoid: DPO (conservative with --label-smoothing); ipo: IPO"},
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={
+            "help": "probability that a pair's preference is flipped (conservative DPO, "
+            "sigmoid loss only)"
+        },
+    )
+    precompute_ref: bool = field(
+        default=False,
+        metadata={
+            "help": "compute the reference log-probabilities once before training instead of "
+            "in every step (full fine-tuning then keeps no frozen copy of the weights)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        try:
+            check_preference_args(self.beta, self.loss_type, self.label_smoothing)
+        except ValueError as e:  # "beta: expected > 0, got 0" -> name the field and its flag
+            name, why = str(e).split(": ", 1)
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"DPOConfig.{name} ({flag}): {why}") from None
+
+
 def schedule(cfg: OptimConfig) -> Callable[[Array], Array]:
     """The spec's ``warmup_cosine``, evaluated at optax's step count.
 
@@ -158,6 +204,54 @@ def token_loss_sum(
     return loss * count, count
 
 
+def batch_logps(
+    graphdef: Any, params: Any, rest: Any, batch: Batch, key: Array | None
+) -> tuple[Array, Array]:
+    """``(summed completion log-probabilities [R], counted tokens [R])`` of the rows of one
+    batch ``[R, T]`` (``preference.sequence_logps``)."""
+    model = nnx.merge(graphdef, params, rest)
+    x, _ = model.hidden_states(
+        batch["input_ids"], attention_mask_2d=batch.get("attention_mask"), dropout_key=key
+    )  # [R,T,D]
+    return sequence_logps(x, model.logits, batch["labels"], model.eng.loss_chunk)
+
+
+def reference_logps(graphdef: Any, params: Any, rest: Any, batch: Batch, ref: Any) -> Array:
+    """The reference policy's log-probabilities [R] of a preference batch, without dropout and
+    without a gradient: ``batch["ref_logps"]`` where computed before training; else the
+    frozen starting weights ``ref`` (full fine-tuning); else ``params`` with the adapters off
+    (every LoRA factor zero, so each adapted projection is exactly its base)."""
+    if "ref_logps" in batch:
+        return batch["ref_logps"]
+    off = jax.tree.map(jnp.zeros_like, params) if ref is None else ref
+    return jax.lax.stop_gradient(batch_logps(graphdef, off, rest, batch, None)[0])
+
+
+def dpo_loss_sum(
+    objective: DPOConfig,
+    graphdef: Any,
+    params: Any,
+    rest: Any,
+    batch: Batch,
+    key: Array | None,
+    ref_logps: Array,
+) -> tuple[Array, tuple[Array, dict[str, Array]]]:
+    """``(sum of pair losses, (real pairs, metric sums))`` of one preference batch ``[R, T]``
+    (pairs as adjacent rows) against ``ref_logps`` [R]; the metric sums are TRL's rewards and
+    log-probabilities (``preference.reward_sums``) and ``tokens``, the completion tokens."""
+    logps, counts = batch_logps(graphdef, params, rest, batch, key)  # [R], [R]
+    total, pairs = preference_loss_sum(
+        logps,
+        ref_logps,
+        counts,
+        beta=objective.beta,
+        loss_type=objective.loss_type,
+        label_smoothing=objective.label_smoothing,
+    )
+    sums = reward_sums(jax.lax.stop_gradient(logps), ref_logps, counts, objective.beta)
+    return total, (pairs, {**sums, "tokens": counts.sum()})
+
+
 @dataclasses.dataclass
 class Trainer:
     """Holds the split model and optimizer state and runs jitted steps.
@@ -165,6 +259,13 @@ class Trainer:
     ``step(batch)`` takes arrays ``[A, B, T]`` (A micro-batches of gradient accumulation;
     A = 1 without it) with ``input_ids`` and ``labels`` and optionally ``attention_mask``,
     ``positions`` and ``segment_ids``; it returns ``{"loss", "grad_norm", "lr", "tokens"}``.
+
+    With ``objective`` a ``DPOConfig`` the step trains on preference pairs instead: each
+    micro-batch's B rows are pairs (row 2i chosen, 2i + 1 rejected; ``input_ids``,
+    ``labels``, ``attention_mask``, and ``ref_logps`` [A, B] where computed before), the loss
+    is the mean over all pairs of the batch, and the metrics add TRL's ``rewards/*`` and
+    ``logps/*`` (``preference.REWARD_METRICS``) and ``pairs``. ``ref_params`` is the frozen
+    reference of full fine-tuning (``create`` copies the starting weights).
     """
 
     graphdef: Any
@@ -177,11 +278,22 @@ class Trainer:
     step_count: int = 0
 
     offload_optimizer: bool = False
+    objective: DPOConfig | None = None
+    ref_params: Any = None
 
     @classmethod
-    def create(cls, model: Model, cfg: OptimConfig, dropout_seed: int = 0) -> Trainer:
+    def create(
+        cls,
+        model: Model,
+        cfg: OptimConfig,
+        dropout_seed: int = 0,
+        objective: DPOConfig | None = None,
+    ) -> Trainer:
+        """A trainer of ``model`` (supervised fine-tuning, or ``objective``)."""
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
         tx = optimizer(cfg)
+        full = model.lora is None and not model.eng.quantize
+        frozen_copy = objective is not None and full and not objective.precompute_ref
         return cls(
             graphdef,
             params,
@@ -191,6 +303,8 @@ class Trainer:
             schedule(cfg),
             dropout_seed,
             offload_optimizer=cfg.offload_optimizer,
+            objective=objective,
+            ref_params=jax.tree.map(jnp.copy, params) if frozen_copy else None,
         )
 
     def __post_init__(self) -> None:
@@ -223,21 +337,32 @@ class Trainer:
         return jax.tree.map(lambda x: jax.device_put(x, space) if _moment(x) else x, opt_state)
 
     def _step_impl(
-        self, params: Any, opt_state: Any, rest: Any, batch: Batch, step: Array
+        self,
+        params: Any,
+        opt_state: Any,
+        rest: Any,
+        batch: Batch,
+        step: Array,
+        ref: Any = None,
     ) -> tuple[Any, Any, dict[str, Array]]:
         key = jax.random.fold_in(jax.random.key(self.dropout_seed), step)  # dropout per step
 
-        def micro(carry: tuple[Any, Array, Array], xs: tuple[Batch, Array]) -> tuple[Any, None]:
-            grads, total, count = carry
+        def micro(carry: tuple[Any, Array, Array, Any], xs: tuple[Batch, Array]) -> Any:
+            grads, total, count, sums = carry
             mb, i = xs
-            (s, n), g = _sum_and_grad(self.graphdef, params, rest, mb, key, i)
+            mkey = jax.random.fold_in(key, i)
+            (s, (n, extra)), g = self._sum_and_grad(params, rest, mb, mkey, ref)
             grads = jax.tree.map(jnp.add, grads, g)
-            return (grads, total + s, count + n.astype(count.dtype)), None
+            sums = jax.tree.map(lambda a, b: a + b.astype(a.dtype), sums, extra)
+            return (grads, total + s, count + n.astype(count.dtype), sums), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         n_micro = batch["input_ids"].shape[0]
-        init = (zeros, jnp.zeros((), _acc(params)), jnp.zeros((), jnp.int32))
-        (grads, total, count), _ = jax.lax.scan(micro, init, (batch, jnp.arange(n_micro)))
+        acc = _acc(params)
+        names = () if self.objective is None else REWARD_METRICS
+        no_sums = {"tokens": jnp.zeros((), jnp.int32), **{k: jnp.zeros((), acc) for k in names}}
+        init = (zeros, jnp.zeros((), acc), jnp.zeros((), jnp.int32), no_sums)
+        (grads, total, count, sums), _ = jax.lax.scan(micro, init, (batch, jnp.arange(n_micro)))
         denom = jnp.maximum(count, 1).astype(total.dtype)
         grads = jax.tree.map(lambda g: g / denom, grads)
         opt_state = self._memory(opt_state, jax.memory.Space.Device)  # host -> device
@@ -248,15 +373,42 @@ class Trainer:
             "loss": total / denom,
             "grad_norm": optax.tree.norm(grads),
             "lr": self.lr_at(step),
-            "tokens": count,
+            "tokens": sums.pop("tokens"),
         }
+        if self.objective is not None:  # means over the batch's pairs
+            metrics.update({k: v / denom for k, v in sums.items()}, pairs=count)
         return params, opt_state, metrics
+
+    def _sum_and_grad(
+        self, params: Any, rest: Any, batch: Batch, key: Array, ref: Any
+    ) -> tuple[tuple[Array, tuple[Array, dict[str, Array]]], Any]:
+        """``((loss sum, (count, metric sums)), d loss sum / d params)`` of one micro-batch:
+        token losses and tokens (supervised), or pair losses and pairs (``objective``)."""
+        if self.objective is None:
+
+            def sft(p: Any) -> tuple[Array, tuple[Array, dict[str, Array]]]:
+                s, n = token_loss_sum(self.graphdef, p, rest, batch, key)
+                return s, (n, {"tokens": n})
+
+            return jax.value_and_grad(sft, has_aux=True)(params)
+        objective = self.objective
+        ref_logps = reference_logps(self.graphdef, params, rest, batch, ref)  # [R]
+
+        def dpo(p: Any) -> tuple[Array, tuple[Array, dict[str, Array]]]:
+            return dpo_loss_sum(objective, self.graphdef, p, rest, batch, key, ref_logps)
+
+        return jax.value_and_grad(dpo, has_aux=True)(params)
 
     def step(self, batch: dict[str, Any]) -> dict[str, Array]:
         """One optimizer step on ``batch`` (arrays ``[A, B, T]``)."""
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
         self.params, self.opt_state, metrics = self._step(
-            self.params, self.opt_state, self.rest, batch, jnp.asarray(self.step_count)
+            self.params,
+            self.opt_state,
+            self.rest,
+            batch,
+            jnp.asarray(self.step_count),
+            self.ref_params,
         )
         self.step_count += 1
         return metrics
@@ -292,18 +444,6 @@ def _acc(params: Any) -> Any:
     return jnp.promote_types(leaves[0].dtype, jnp.float32) if leaves else jnp.float32
 
 
-def _sum_and_grad(
-    graphdef: Any, params: Any, rest: Any, batch: Batch, key: Array, i: Array
-) -> tuple[tuple[Array, Array], Any]:
-    """``((token loss sum, count), d sum / d params)`` of one micro-batch."""
-
-    def f(p: Any) -> tuple[Array, Array]:
-        return token_loss_sum(graphdef, p, rest, batch, jax.random.fold_in(key, i))
-
-    (s, n), g = jax.value_and_grad(f, has_aux=True)(params)
-    return (s, n), g
-
-
 def _eval_sum(graphdef: Any, params: Any, rest: Any, batch: Batch) -> tuple[Array, Array]:
     return token_loss_sum(graphdef, params, rest, batch, None)
 
@@ -321,6 +461,54 @@ def eval_loss(model: Model, batches: Iterable[dict[str, Any]]) -> tuple[float, i
         s, n = _eval_step(graphdef, params, rest, mb)
         total, count = total + float(s), count + int(n)
     return total / max(count, 1), count
+
+
+def _eval_pairs(
+    objective: DPOConfig, graphdef: Any, params: Any, rest: Any, batch: Batch, ref: Any
+) -> tuple[Array, tuple[Array, dict[str, Array]]]:
+    ref_logps = reference_logps(graphdef, params, rest, batch, ref)
+    return dpo_loss_sum(objective, graphdef, params, rest, batch, None, ref_logps)
+
+
+_eval_pairs_step = jax.jit(_eval_pairs, static_argnums=(0, 1))
+
+
+def eval_preference(
+    model: Model,
+    batches: Iterable[dict[str, Any]],
+    objective: DPOConfig,
+    ref_params: Any = None,
+) -> dict[str, float]:
+    """The mean preference loss of ``model`` over ``batches`` of pairs (arrays ``[1, 2B, T]``,
+    as ``Trainer.step`` takes them) and TRL's metrics, means over all real pairs, with
+    ``pairs`` and ``tokens`` (completion tokens); no dropout.
+
+    The reference is each batch's ``ref_logps`` where given, else ``ref_params`` (the
+    ``nnx.Param`` state of a reference model of the same structure, full fine-tuning), else
+    ``model`` with its adapters off."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
+    sums: dict[str, float] = {}
+    total, pairs = 0.0, 0
+    for batch in batches:
+        mb = {k: jnp.asarray(v[0]) for k, v in batch.items()}  # [1,2B,T] -> [2B,T]
+        s, (n, extra) = _eval_pairs_step(objective, graphdef, params, rest, mb, ref_params)
+        total, pairs = total + float(s), pairs + int(n)
+        for k, v in extra.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    tokens = int(sums.pop("tokens", 0))
+    out = {"loss": total / max(pairs, 1), **{k: v / max(pairs, 1) for k, v in sums.items()}}
+    return {**out, "pairs": pairs, "tokens": tokens}
+
+
+_reference_step = jax.jit(reference_logps, static_argnums=0)
+
+
+def batch_reference_logps(model: Model, batch: dict[str, Any], ref_params: Any = None) -> Array:
+    """The reference log-probabilities [2B] of the rows of one batch ``[1, 2B, T]`` of pairs:
+    ``ref_params`` (full fine-tuning), else ``model`` with its adapters off."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
+    mb = {k: jnp.asarray(v[0]) for k, v in batch.items() if k != "ref_logps"}  # [2B,T]
+    return _reference_step(graphdef, params, rest, mb, ref_params)
 
 
 class TrainingDiverged(RuntimeError):
