@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from jax_impl.apps import corpus
-from jax_impl.apps.demo import TASK_HELDOUT, TASK_TRAIN, write_task
+from jax_impl.apps.demo import PAIRS_HELDOUT, PAIRS_TRAIN, TASK_HELDOUT, TASK_TRAIN, write_task
 from jax_impl.apps.pretrain import train_tokenizer
 
 ISO = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")
@@ -38,6 +38,18 @@ def test_shipped_task_files_are_the_generated_ones(tmp_path: Path) -> None:
     write_task(tmp_path)
     assert (tmp_path / "train.jsonl").read_bytes() == TASK_TRAIN.read_bytes()
     assert (tmp_path / "heldout.jsonl").read_bytes() == TASK_HELDOUT.read_bytes()
+    assert (tmp_path / "pairs_train.jsonl").read_bytes() == PAIRS_TRAIN.read_bytes()
+    assert (tmp_path / "pairs_heldout.jsonl").read_bytes() == PAIRS_HELDOUT.read_bytes()
+
+
+def test_preference_pairs_prefer_the_iso_date() -> None:
+    pairs = [json.loads(x) for x in PAIRS_HELDOUT.read_text().splitlines()]
+    held = [json.loads(x) for x in TASK_HELDOUT.read_text().splitlines()]
+    assert len(pairs) == len(held)
+    for p, e in zip(pairs, held, strict=True):
+        assert p["prompt"] == e["prompt"] and p["chosen"] == e["completion"]
+        # the rejected answer is the sentence's own date, in words: the wrong format
+        assert e["sentence"].endswith(f" on{p['rejected']}.") and not ISO.search(p["rejected"])
 
 
 def test_task_examples_and_split() -> None:

@@ -207,3 +207,25 @@ def task_splits(
     held = task(n_heldout, seed=seed + 1)
     train = task(n_train, seed=seed + 2, exclude={e["completion"].strip() for e in held})
     return train, held
+
+
+# --- a preference task ------------------------------------------------------------------------
+
+
+def date_as_written(sentence: str) -> str:
+    """The date of a task sentence as the sentence writes it, in words: ``"16 March 1950"``
+    of ``"Odo arrived in Lowmoor on 16 March 1950."``."""
+    return sentence.rsplit(" on ", 1)[1].rstrip(".")
+
+
+def preference_pairs(examples: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The task as preference pairs ``{"prompt", "chosen", "rejected"}``: the ISO date is
+    chosen, the date copied as the sentence writes it (the wrong format) is rejected."""
+    return [
+        {
+            "prompt": e["prompt"],
+            "chosen": e["completion"],
+            "rejected": f" {date_as_written(e['sentence'])}",
+        }
+        for e in examples
+    ]

@@ -38,6 +38,9 @@ ASSETS = Path(__file__).parents[1] / "assets"
 BASE = ASSETS / "base"
 TASK_TRAIN = ASSETS / "task" / "train.jsonl"
 TASK_HELDOUT = ASSETS / "task" / "heldout.jsonl"
+PAIRS_TRAIN = ASSETS / "task" / "pairs_train.jsonl"
+PAIRS_HELDOUT = ASSETS / "task" / "pairs_heldout.jsonl"
+N_PAIRS = 400  # train examples the shipped preference pairs are made of
 N_TRAIN, N_HELDOUT = 2000, 200
 
 # The fine-tuning recipe of the demo, and of `qlora-spec train` without --model / --data: the
@@ -97,10 +100,17 @@ class Result:
 
 
 def write_task(directory: Path, seed: int = 0) -> None:
-    """Write ``train.jsonl`` and ``heldout.jsonl`` of the task (the shipped files)."""
+    """Write ``train.jsonl`` and ``heldout.jsonl`` of the task, and the preference pairs of its
+    first ``N_PAIRS`` train examples and of every held-out one (``pairs_train.jsonl``,
+    ``pairs_heldout.jsonl``): the shipped files."""
     train, held = corpus.task_splits(N_TRAIN, N_HELDOUT, seed=seed)
     directory.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
+    for name, rows in (
+        ("train.jsonl", train),
+        ("heldout.jsonl", held),
+        ("pairs_train.jsonl", corpus.preference_pairs(train[:N_PAIRS])),
+        ("pairs_heldout.jsonl", corpus.preference_pairs(held)),
+    ):
         tmp = directory / f".{name}.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         tmp.replace(directory / name)

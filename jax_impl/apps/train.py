@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, cast
 
 import jax
 import numpy as np
@@ -42,6 +42,7 @@ from ref_numpy.lora import selected_paths
 from ref_numpy.nf4 import nf4_bits_per_param
 
 from ..model import EngineConfig, Model, to_spec, trainable_params
+from ..preference import REWARD_METRICS
 from ..train.checkpoint import save_adapter
 from ..train.data import (
     DataError,
@@ -49,10 +50,12 @@ from ..train.data import (
     batches,
     bucket_lengths,
     encode_file,
+    epoch_order,
     num_batches,
     pack,
     unpacked_rows,
 )
+from ..train.data.pairs import Pair, Truncation, encode_pairs_file, pair_batches
 from ..train.orbax_state import TrainCheckpoints
 from ..train.sharded_load import load_sharded
 from ..train.sharding import (
@@ -67,9 +70,19 @@ from ..train.sharding import (
     shard_trainer,
     to_host,
 )
-from ..train.trainer import OptimConfig, Trainer, TrainingDiverged, eval_loss, fit
+from ..train.trainer import (
+    DPOConfig,
+    OptimConfig,
+    Trainer,
+    TrainingDiverged,
+    batch_reference_logps,
+    eval_loss,
+    eval_preference,
+    fit,
+)
 
 Method = Literal["full", "lora", "qlora"]
+Objective = Literal["sft", "dpo"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +109,25 @@ class DataConfig:
         default="truncate",
         metadata={"help": "an example longer than --max-length is cut (truncate) or refused"},
     )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "tokens a pair's prompt keeps before --max-length cuts the sequence "
+            "(--objective dpo)",
+            "default_text": "no limit",
+        },
+    )
+    truncation_mode: Truncation = field(
+        default="keep_start",
+        metadata={
+            "help": "what a pair longer than --max-length keeps (--objective dpo): its first "
+            "tokens (keep_start) or its last (keep_end), as TRL's truncation_mode"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
-        for name in ("batch_size", "grad_accum", "max_length"):
+        for name in ("batch_size", "grad_accum", "max_length", "max_prompt_length"):
             value = getattr(self, name)
             if value is not None and not value >= 1:
                 raise ValueError(f"DataConfig.{name}: expected >= 1, got {value}")
@@ -142,10 +170,20 @@ class TrainConfig:
             "or beside an NF4 base (qlora)"
         },
     )
+    objective: Objective = field(
+        default="sft",
+        metadata={
+            "help": "what is learned: the completions (sft), or to prefer each pair's chosen "
+            "completion to its rejected one (dpo: DPO / IPO on prompt/chosen/rejected data)"
+        },
+    )
     lora: LoraConfig = field(
         default_factory=LoraConfig, metadata={"help": "LoRA adapters (lora, qlora)"}
     )
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimizer"})
+    dpo: DPOConfig = field(
+        default_factory=DPOConfig, metadata={"help": "preference tuning (--objective dpo)"}
+    )
     engine: EngineConfig = field(
         default_factory=EngineConfig, metadata={"help": "dtypes, attention, remat, NF4"}
     )
@@ -192,6 +230,11 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}: expected >= 1, got {value}")
         if self.eval_interval < 0:
             raise ValueError(f"TrainConfig.eval_interval: expected >= 0, got {self.eval_interval}")
+        if self.objective == "dpo" and self.data_config.train_on_prompt:
+            raise ValueError(
+                "TrainConfig.objective: --objective dpo compares completions only; "
+                "--train-on-prompt is for --objective sft"
+            )
         if self.eval_interval and not self.data_config.eval_split:
             raise ValueError(
                 f"TrainConfig.eval_interval: --eval-interval {self.eval_interval} needs "
@@ -252,53 +295,88 @@ def prepare_rows(
         train_on_prompt=dc.train_on_prompt,
         on_overflow=dc.on_overflow,
     )
-    order = np.random.default_rng(tc.seed).permutation(len(encoded))
-    n_eval = round(dc.eval_split * len(encoded))
-    if dc.eval_split and not n_eval:
-        raise DataError(
-            f"{tc.data}: --eval-split {dc.eval_split} of {len(encoded)} examples holds out none"
-        )
-    held = [encoded[i] for i in order[:n_eval]]
-    train = [encoded[i] for i in sorted(order[n_eval:])]
-    if not train:
-        raise DataError(f"{tc.data}: no training examples left after the eval split")
+    train, held = split_held_out(encoded, tc)
     to_rows = (lambda e: pack(e, max_length)) if dc.packing else unpacked_rows
     stats = {
         "format": fmt,
         "examples": len(encoded),
         "truncated": truncated,
-        "eval_examples": n_eval,
+        "eval_examples": len(held),
     }
     return to_rows(train), (to_rows(held) if held else []), tok, stats
 
 
+def prepare_pairs(
+    tc: TrainConfig, max_length: int, vocab_size: int
+) -> tuple[list[Pair], list[Pair], Any, dict]:
+    """Train pairs, eval pairs, the tokenizer and data statistics, from a preference JSONL
+    file (``data.pairs``); says on stderr how many pairs ``--max-length`` (and
+    ``--max-prompt-length``) cut."""
+    dc = tc.data_config
+    pairs, truncated, tok, fmt = encode_pairs_file(
+        tc.model,
+        tc.data,
+        vocab_size,
+        max_length,
+        max_prompt_length=dc.max_prompt_length,
+        truncation_mode=dc.truncation_mode,
+    )
+    if truncated and jax.process_index() == 0:
+        print(
+            f"qlora-spec train: {truncated} of {len(pairs)} pairs in {tc.data} truncated to "
+            f"--max-length {max_length} ({dc.truncation_mode})",
+            file=sys.stderr,
+        )
+    train, held = split_held_out(pairs, tc)
+    stats = {"format": fmt, "pairs": len(pairs), "truncated": truncated, "eval_pairs": len(held)}
+    return train, held, tok, stats
+
+
+def split_held_out(items: list[Any], tc: TrainConfig) -> tuple[list[Any], list[Any]]:
+    """``(train, held out)``: ``--eval-split`` of ``items`` drawn by ``--seed``, the rest in
+    file order."""
+    eval_split = tc.data_config.eval_split
+    order = np.random.default_rng(tc.seed).permutation(len(items))
+    n_eval = round(eval_split * len(items))
+    if eval_split and not n_eval:
+        raise DataError(
+            f"{tc.data}: --eval-split {eval_split} of {len(items)} examples holds out none"
+        )
+    held = [items[i] for i in order[:n_eval]]
+    train = [items[i] for i in sorted(order[n_eval:])]
+    if not train:
+        raise DataError(f"{tc.data}: no training examples left after the eval split")
+    return train, held
+
+
 def epoch_batches(
     trainer: Trainer,
-    rows: list[Row],
+    rows: list[Row] | list[Pair],
     dc: DataConfig,
     buckets: list[int],
     *,
     seed: int,
     pad_id: int | None,
     part: tuple[int, int] | None = None,
+    ref_logps: np.ndarray | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Batches from the trainer's position on, epoch after epoch, without end: each epoch's
     order is fixed by ``(seed, epoch)``, so a resumed run sees the batches it would have.
-    ``part``: this process's rows of each micro-batch (``batches``); default: every row."""
+    ``rows``: rows (``batches``) or preference pairs (``pair_batches``, with their
+    precomputed ``ref_logps`` [n, 2] where given); ``part``: this process's rows of each
+    micro-batch; default: every row."""
     per_epoch = num_batches(len(rows), dc.batch_size, dc.grad_accum)
+    paired = bool(rows) and isinstance(rows[0], Pair)
     while True:
         epoch, start = divmod(trainer.step_count, per_epoch)
-        yield from batches(
-            rows,
-            dc.batch_size,
-            dc.grad_accum,
-            buckets,
-            seed=seed,
-            epoch=epoch,
-            start=start,
-            pad_id=pad_id,
-            part=part,
-        )
+        kw: dict[str, Any] = dict(seed=seed, epoch=epoch, start=start, pad_id=pad_id, part=part)
+        if paired:
+            pairs: Any = rows
+            yield from pair_batches(
+                pairs, dc.batch_size, dc.grad_accum, buckets, **kw, ref_logps=ref_logps
+            )
+        else:
+            yield from batches(rows, dc.batch_size, dc.grad_accum, buckets, **kw)  # type: ignore[arg-type]
 
 
 # --- hooks: what a job does after each step ---------------------------------------------
@@ -337,11 +415,12 @@ class Progress:
 
     def __call__(self, trainer: Trainer, batch: dict[str, Any], m: dict[str, Any]) -> None:
         self.bar.update(1)
-        self.bar.set_postfix(
-            loss=f"{m['loss']:.4f}",
-            tok_s=f"{m['tokens_per_s']:.0f}",
-            loss_tok_s=f"{m['loss_tokens_per_s']:.0f}",
-        )
+        shown = {"loss": f"{m['loss']:.4f}"}
+        if "rewards/accuracies" in m:  # a preference run: TRL's two headline figures
+            shown["acc"] = f"{m['rewards/accuracies']:.2f}"
+            shown["margin"] = f"{m['rewards/margins']:.3f}"
+        shown.update(tok_s=f"{m['tokens_per_s']:.0f}", loss_tok_s=f"{m['loss_tokens_per_s']:.0f}")
+        self.bar.set_postfix(shown)
 
     def close(self) -> None:
         self.bar.close()
@@ -431,15 +510,29 @@ def _run(tc: TrainConfig, progress: bool) -> dict[str, Any]:
     # each device reads its own pieces of the checkpoint: no process holds the whole model
     lora = None if tc.method == "full" else tc.lora
     cfg, model = load_sharded(tc.model, lora, tc.engine, mesh)
-    rows, held, tok, stats = prepare_rows(tc, max_length, cfg.vocab_size)
+    dpo = tc.dpo if tc.objective == "dpo" else None
+    prepare = prepare_rows if dpo is None else prepare_pairs
+    rows, held, tok, stats = prepare(tc, max_length, cfg.vocab_size)
     pad_id = tok.pad_id if tok is not None else None  # token-id data may come without one
     buckets = bucket_lengths(max_length)
     total = tc.steps or tc.epochs * num_batches(len(rows), dc.batch_size, dc.grad_accum)
     trainer = shard_trainer(
-        Trainer.create(model, tc.optim.for_steps(total), dropout_seed=tc.seed), mesh
+        Trainer.create(model, tc.optim.for_steps(total), dropout_seed=tc.seed, objective=dpo),
+        mesh,
     )
-    part = process_rows(mesh, dc.batch_size)
-    copies = jax.process_count() * (part[1] - part[0]) // dc.batch_size
+    width = dc.batch_size * (1 if dpo is None else 2)  # rows per micro-batch: pairs are two
+    part = process_rows(mesh, width)
+    copies = jax.process_count() * (part[1] - part[0]) // width
+    ref_logps = held_ref = None
+    if dpo is not None and dpo.precompute_ref:  # the starting policy's, before any restore
+        start, train_pairs, held_pairs = (
+            trainer.model(),
+            cast(list[Pair], rows),
+            cast(list[Pair], held),
+        )
+        ref_logps = precompute_reference(start, train_pairs, dc, buckets, pad_id, mesh)
+        if held_pairs:
+            held_ref = precompute_reference(start, held_pairs, dc, buckets, pad_id, mesh)
     metrics_path = work / "metrics.jsonl"
     last: dict[str, Any] = {}
     work.mkdir(parents=True, exist_ok=True)
@@ -458,8 +551,7 @@ def _run(tc: TrainConfig, progress: bool) -> dict[str, Any]:
             files.write_json(work / name, value)
 
     def held_loss(trainer: Trainer, m: dict[str, Any]) -> None:
-        batches = eval_batches(held, dc, buckets, pad_id, mesh)
-        m["eval_loss"] = eval_loss(trainer.model(), batches)[0]
+        m.update(held_out(trainer, held, dc, buckets, pad_id, mesh, held_ref))
 
     def checkpoint(trainer: Trainer, m: dict[str, Any]) -> None:
         if m["step"] % tc.checkpoint_interval == 0 or m["step"] == total:
@@ -473,7 +565,16 @@ def _run(tc: TrainConfig, progress: bool) -> dict[str, Any]:
         try:
             history = fit(
                 trainer,
-                epoch_batches(trainer, rows, dc, buckets, seed=tc.seed, pad_id=pad_id, part=part),
+                epoch_batches(
+                    trainer,
+                    rows,
+                    dc,
+                    buckets,
+                    seed=tc.seed,
+                    pad_id=pad_id,
+                    part=part,
+                    ref_logps=ref_logps,
+                ),
                 steps=total,
                 hooks=[
                     Throughput(copies),
@@ -489,9 +590,7 @@ def _run(tc: TrainConfig, progress: bool) -> dict[str, Any]:
     last = history[-1] if history else last
     summary = run_summary(trainer.model(), stats, trainer.step_count, last)
     if held:
-        summary["eval_loss"], summary["eval_tokens"] = eval_loss(
-            trainer.model(), eval_batches(held, dc, buckets, pad_id, mesh)
-        )
+        summary.update(held_out(trainer, held, dc, buckets, pad_id, mesh, held_ref, final=True))
     # every process takes part in gathering the state; process 0 writes it
     final = nnx.merge(trainer.graphdef, to_host(trainer.params), to_host(trainer.rest))
     if lead:
@@ -517,20 +616,72 @@ def _entries(path: Path) -> list[Path]:
 
 
 def eval_batches(
-    rows: list[Row],
+    rows: list[Row] | list[Pair],
     dc: DataConfig,
     buckets: list[int],
     pad_id: int | None,
     mesh: Mesh | None = None,
+    ref_logps: np.ndarray | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """The held-out rows in batches ``[1, B, T]`` of ``dc.batch_size``, in order: NumPy
-    arrays, or with ``mesh`` global arrays with this process's rows, split as training
-    splits them."""
-    part = None if mesh is None else process_rows(mesh, dc.batch_size)
-    for batch in batches(
-        rows, dc.batch_size, 1, buckets, seed=0, epoch=0, pad_id=pad_id, part=part
-    ):
+    """The held-out rows (or pairs, with their precomputed ``ref_logps``) in batches
+    ``[1, B, T]`` of ``dc.batch_size``, in order: NumPy arrays, or with ``mesh`` global
+    arrays with this process's rows, split as training splits them."""
+    paired = bool(rows) and isinstance(rows[0], Pair)
+    width = dc.batch_size * (2 if paired else 1)
+    part = None if mesh is None else process_rows(mesh, width)
+    kw: dict[str, Any] = dict(seed=0, epoch=0, pad_id=pad_id, part=part)
+    if paired:
+        pairs: Any = rows
+        made = pair_batches(pairs, dc.batch_size, 1, buckets, **kw, ref_logps=ref_logps)
+    else:
+        made = batches(rows, dc.batch_size, 1, buckets, **kw)  # type: ignore[arg-type]
+    for batch in made:
         yield batch if mesh is None else shard_batch(batch, mesh)
+
+
+def held_out(
+    trainer: Trainer,
+    held: list[Row] | list[Pair],
+    dc: DataConfig,
+    buckets: list[int],
+    pad_id: int | None,
+    mesh: Mesh | None,
+    held_ref: np.ndarray | None,
+    *,
+    final: bool = False,
+) -> dict[str, Any]:
+    """The held-out figures a run logs: ``eval_loss`` (and, for a preference run,
+    ``eval_rewards/accuracies`` and ``eval_rewards/margins``); with ``final`` also the
+    counts (``eval_tokens``, or ``eval_pairs`` and every reward metric) for the summary."""
+    made = eval_batches(held, dc, buckets, pad_id, mesh, held_ref)
+    if trainer.objective is None:
+        loss, tokens = eval_loss(trainer.model(), made)
+        return {"eval_loss": loss, **({"eval_tokens": tokens} if final else {})}
+    ev = eval_preference(trainer.model(), made, trainer.objective, trainer.ref_params)
+    keys = list(ev) if final else ["loss", "rewards/accuracies", "rewards/margins"]
+    return {f"eval_{k}": ev[k] for k in keys}
+
+
+def precompute_reference(
+    model: Model,
+    pairs: list[Pair],
+    dc: DataConfig,
+    buckets: list[int],
+    pad_id: int | None,
+    mesh: Mesh,
+) -> np.ndarray:
+    """Every pair's reference log-probabilities, [n, 2] (chosen, rejected): ``model`` (the
+    starting policy) with its adapters off, or as it is under full fine-tuning; computed once,
+    in batches of ``dc.batch_size`` pairs."""
+    order = epoch_order(len(pairs), seed=0, epoch=0)  # the order eval_batches draws
+    out: np.ndarray | None = None
+    for b, batch in enumerate(eval_batches(pairs, dc, buckets, pad_id, mesh)):
+        lp = np.asarray(to_host(batch_reference_logps(model, batch))).reshape(-1, 2)  # [B,2]
+        idx = order[b * dc.batch_size : (b + 1) * dc.batch_size]
+        out = np.zeros((len(pairs), 2), lp.dtype) if out is None else out
+        out[idx] = lp[: len(idx)]
+    assert out is not None
+    return out
 
 
 def move_into(src: Path, dst: Path) -> None:
@@ -653,6 +804,7 @@ def run_summary(
         "peak_memory_bytes": peak,
         "peak_memory_source": source,
         "final_train_loss": last.get("loss"),
+        **{f"final_{k}": last[k] for k in REWARD_METRICS if k in last},
     }
 
 
