@@ -104,6 +104,28 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="count prompt tokens in the loss too, as training with it did",
     )
+    ev.add_argument(
+        "--objective",
+        choices=("sft", "dpo"),
+        default="sft",
+        help="sft: token loss; dpo: preference loss and TRL's reward metrics over the pairs of "
+        "--data (policy: --model with --adapter; reference: --model alone, or --ref-model)",
+    )
+    ev.add_argument(
+        "--ref-model", help="reference model directory of a full fine-tune (--objective dpo)"
+    )
+    from ..train.trainer import DPOConfig
+
+    add_flags(ev, DPOConfig)
+    ev.add_argument(
+        "--max-prompt-length", type=int, help="tokens a pair's prompt keeps (--objective dpo)"
+    )
+    ev.add_argument(
+        "--truncation-mode",
+        choices=("keep_start", "keep_end"),
+        default="keep_start",
+        help="what a pair longer than --max-length keeps (--objective dpo; default: keep_start)",
+    )
 
     gen = sub.add_parser("generate", help="continue a prompt with a model (and an adapter)")
     gen.add_argument(
@@ -443,7 +465,26 @@ def _base_model(args: argparse.Namespace) -> str:
 def _eval(args: argparse.Namespace) -> dict:
     import math
 
-    from .evaluate import evaluate_file
+    from .evaluate import evaluate_file, evaluate_preferences
+
+    if args.objective == "dpo":
+        from ..train.trainer import DPOConfig
+
+        return evaluate_preferences(
+            args.model,
+            args.data,
+            build(DPOConfig, _given(args, DPOConfig), "eval"),
+            adapter=args.adapter,
+            ref_model=args.ref_model,
+            method=args.method,
+            backend=args.backend,
+            max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length,
+            truncation_mode=args.truncation_mode,
+            batch_size=args.batch_size,
+        )
+    if args.ref_model is not None:
+        raise ValueError("eval: --ref-model is for --objective dpo")
 
     loss, tokens = evaluate_file(
         args.model,
