@@ -368,3 +368,50 @@ def test_perturbations_are_caught(perturb: str) -> None:
         assert _worst(got, _spec_run(params, cfg, lcfg, data, OPT, dpo)) <= RTOL["float32"]
         bad = _spec_run(params, cfg, lcfg, data, OPT, dpo, perturb=perturb)
     assert _worst(got, bad) > 100 * RTOL["float32"]
+
+
+def _step_memory(method: str, remat: str, objective: DPOConfig | None) -> tuple[int, int]:
+    """XLA's ``(temporaries, arguments)`` bytes of the compiled train step over 8 rows."""
+    from flax import nnx
+
+    from jax_impl.model import EngineConfig, Model
+    from ref_numpy.config import LoraConfig, llama_config
+
+    cfg = llama_config(
+        vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=352, max_seq_len=64
+    )
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora = None if method == "full" else LoraConfig(rank=4, alpha=8.0, targets=names)
+    eng = EngineConfig(quantize=method == "qlora", remat=remat)  # type: ignore[arg-type]
+    trainer = Trainer.create(
+        Model(cfg, lora, eng, rngs=nnx.Rngs(0)), OptimConfig(total_steps=10), objective=objective
+    )
+    ids = np.random.default_rng(0).integers(0, 256, size=(1, 8, 40)).astype(np.int32)
+    labels = np.where(np.arange(40) < 10, -100, ids)  # a prompt of 10 tokens per row
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": np.ones_like(ids)}
+    if objective is not None and objective.precompute_ref:
+        batch["ref_logps"] = np.zeros((1, 8), np.float32)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    args = (trainer.params, trainer.opt_state, trainer.rest, batch, jnp.asarray(0))
+    stats = trainer._step.lower(*args, trainer.ref_params).compile().memory_analysis()
+    return int(stats.temp_size_in_bytes), int(stats.argument_size_in_bytes)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_the_reference_costs_no_second_model(method: str, remat: str) -> None:
+    """The DPO step over 4 pairs needs what the SFT step over the same 8 sequences needs, to
+    10% (temporaries and arguments, XLA's compiled analysis): the reference is the same
+    weights with the adapters off. Full fine-tuning's frozen copy shows in the arguments, so
+    the measure would catch a second model."""
+    sft, dpo = _step_memory(method, remat, None), _step_memory(method, remat, DPOConfig())
+    assert abs(dpo[0] - sft[0]) <= 0.1 * sft[0], (sft, dpo)
+    assert abs(dpo[1] - sft[1]) <= 0.1 * sft[1], (sft, dpo)
+    if method == "lora" and remat == "none":
+        full_sft, full_dpo = (
+            _step_memory("full", remat, None),
+            _step_memory("full", remat, DPOConfig()),
+        )
+        assert full_dpo[1] > 1.15 * full_sft[1]  # the starting weights, kept as the reference
+        precomputed = _step_memory("full", remat, DPOConfig(precompute_ref=True))
+        assert abs(precomputed[1] - full_sft[1]) <= 0.1 * full_sft[1]

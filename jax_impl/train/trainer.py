@@ -392,6 +392,11 @@ class Trainer:
 
             return jax.value_and_grad(sft, has_aux=True)(params)
         objective = self.objective
+        if objective.precompute_ref and "ref_logps" not in batch:
+            raise ValueError(
+                "DPOConfig.precompute_ref (--precompute-ref): the batch has no 'ref_logps'; "
+                "compute them before training (train.precompute_reference, pair_batches)"
+            )
         ref_logps = reference_logps(self.graphdef, params, rest, batch, ref)  # [R]
 
         def dpo(p: Any) -> tuple[Array, tuple[Array, dict[str, Array]]]:
