@@ -57,7 +57,7 @@ from jax_impl import generate
 from jax_impl.model import REMAT_POLICIES, EngineConfig, Model
 from jax_impl.train import trainer as trainer_module
 from jax_impl.train.sharding import MESH_AXES, batch_spec, state_shardings
-from jax_impl.train.trainer import OptimConfig, Trainer, _eval_step
+from jax_impl.train.trainer import DPOConfig, OptimConfig, Trainer, _eval_step
 from ref_numpy.config import LoraConfig
 from tests.test_model import CONFIGS
 
@@ -91,9 +91,12 @@ class Step:
     batch: str = "rows"  # "rows": the train command's batch keys; "plain": ids and labels only
     offload: bool = False  # OptimConfig.offload_optimizer
     mesh: tuple[int, int, int] | None = None  # (data, fsdp, tensor): the MeshTrainer step
+    objective: str = "sft"  # "dpo": pairs of rows, the reference with the adapters off
 
     def __str__(self) -> str:
         parts = [self.method, f"remat={self.remat}", f"attention={self.attention}", self.batch]
+        if self.objective != "sft":
+            parts.append(self.objective)
         if self.offload:
             parts.append("offload")
         if self.mesh is not None:
@@ -109,6 +112,8 @@ STEPS = [
     *(Step(m, "none", attention="einsum") for m in METHODS),
     *(Step(m, "full", offload=True) for m in METHODS),
     *(Step(m, "dots", offload=o, mesh=(1, 2, 2)) for m in METHODS for o in (False, True)),
+    *(Step(m, r, objective="dpo") for m in METHODS for r in ("none", "full")),
+    *(Step(m, "dots", mesh=(1, 2, 2), objective="dpo") for m in METHODS),
 ]
 
 
@@ -176,7 +181,8 @@ def make_trainer(step: Step, eng: EngineConfig) -> Trainer:
     optim = OptimConfig(
         lr=1e-3, warmup_steps=2, total_steps=10, weight_decay=0.1, offload_optimizer=step.offload
     )
-    return Trainer.create(abstract_model(eng), optim, dropout_seed=5)
+    objective = DPOConfig(beta=0.2) if step.objective == "dpo" else None
+    return Trainer.create(abstract_model(eng), optim, dropout_seed=5, objective=objective)
 
 
 def like(x: Any, sharding: Any = None) -> jax.ShapeDtypeStruct:
@@ -196,9 +202,12 @@ def build_train_program(step: Step, eng: EngineConfig) -> Program:
     step)`` to call it on, as ``Trainer.step`` passes them."""
     trainer = make_trainer(step, eng)
     keys = ROW_KEYS if step.batch == "rows" else ROW_KEYS[:2]
+    rows, mesh_rows = B, MESH_B
+    if step.objective == "dpo":  # pairs as adjacent rows, whole pairs on each mesh shard
+        keys, rows, mesh_rows = ROW_KEYS[:3], 2 * B, 2 * MESH_B
     count = jax.ShapeDtypeStruct((), jnp.int32)
     if step.mesh is None:  # Trainer's own jitted step, on the trainer's own state
-        batch = {k: jax.ShapeDtypeStruct((A, B, T), jnp.int32) for k in keys}
+        batch = {k: jax.ShapeDtypeStruct((A, rows, T), jnp.int32) for k in keys}
         state = (trainer.params, trainer.opt_state, trainer.rest)
         args = (*jax.tree.map(like, state), batch, count)
         return Program(trainer._step, args, trainer)
@@ -209,8 +218,8 @@ def build_train_program(step: Step, eng: EngineConfig) -> Program:
     opt = trainer.opt_state_shardings(state_shardings(trainer.opt_state, mesh))
     replicated = NamedSharding(mesh, PartitionSpec())
     fn = jax.jit(trainer._step_impl, donate_argnums=(0, 1), out_shardings=(params, opt, replicated))
-    rows = NamedSharding(mesh, batch_spec(mesh))  # type: ignore[arg-type]
-    batch = {k: jax.ShapeDtypeStruct((A, MESH_B, T), jnp.int32, sharding=rows) for k in keys}
+    split = NamedSharding(mesh, batch_spec(mesh))  # type: ignore[arg-type]
+    batch = {k: jax.ShapeDtypeStruct((A, mesh_rows, T), jnp.int32, sharding=split) for k in keys}
     args = (
         jax.tree.map(like, trainer.params, params),
         jax.tree.map(like, trainer.opt_state, opt),

@@ -418,8 +418,9 @@ def build(cls: Any, values: dict[tuple[str, ...], Any], command: str) -> Any:
 def train_config(args: argparse.Namespace) -> Any:
     """The resolved ``TrainConfig``: defaults, then the --config file, then flags.
 
-    LoRA flags (``--rank`` ...) given with ``--method full``, typed or in the file, are an
-    error: they would change nothing. Without ``--model`` and ``--data``, the bundled base model
+    LoRA flags (``--rank`` ...) given with ``--method full``, and preference flags (``--beta``
+    ...) without ``--objective dpo``, typed or in the file, are an error: they would change
+    nothing. Without ``--model`` and ``--data``, the bundled base model
     and task with the demo's recipe (``demo.RECIPE``) under the file and flags.
     """
     from .train import TrainConfig
@@ -434,6 +435,13 @@ def train_config(args: argparse.Namespace) -> Any:
                 raise ValueError(
                     f"train: {leaf.flag} sets the LoRA adapters, and --method full trains every "
                     f"weight without them; leave out {leaf.flag} or use --method lora / qlora"
+                )
+    if values.get(("objective",), "sft") != "dpo":
+        dpo_only = {("data_config", "max_prompt_length"), ("data_config", "truncation_mode")}
+        for leaf in leaves(TrainConfig):
+            if leaf.path in values and (leaf.path[0] == "dpo" or leaf.path in dpo_only):
+                raise ValueError(
+                    f"train: {leaf.flag} sets preference tuning; it needs --objective dpo"
                 )
     if ("model",) not in values and ("data",) not in values:  # the bundled model and task
         from .demo import BASE, RECIPE, TASK_TRAIN
@@ -465,11 +473,10 @@ def _base_model(args: argparse.Namespace) -> str:
 def _eval(args: argparse.Namespace) -> dict:
     import math
 
+    from ..train.trainer import DPOConfig
     from .evaluate import evaluate_file, evaluate_preferences
 
     if args.objective == "dpo":
-        from ..train.trainer import DPOConfig
-
         return evaluate_preferences(
             args.model,
             args.data,
@@ -483,8 +490,11 @@ def _eval(args: argparse.Namespace) -> dict:
             truncation_mode=args.truncation_mode,
             batch_size=args.batch_size,
         )
-    if args.ref_model is not None:
-        raise ValueError("eval: --ref-model is for --objective dpo")
+    if args.ref_model is not None or args.max_prompt_length is not None or _given(args, DPOConfig):
+        raise ValueError(
+            "eval: --ref-model, --beta, --loss-type, --label-smoothing and --max-prompt-length "
+            "are for --objective dpo"
+        )
 
     loss, tokens = evaluate_file(
         args.model,

@@ -490,11 +490,18 @@ def eval_preference(
 
     The reference is each batch's ``ref_logps`` where given, else ``ref_params`` (the
     ``nnx.Param`` state of a reference model of the same structure, full fine-tuning), else
-    ``model`` with its adapters off."""
+    ``model`` with its adapters off. Raises ValueError for a model without adapters and no
+    other reference."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
+    own = ref_params is None and model.lora is None and not model.eng.quantize
     sums: dict[str, float] = {}
     total, pairs = 0.0, 0
     for batch in batches:
+        if own and "ref_logps" not in batch:
+            raise ValueError(
+                "eval_preference: a model without adapters needs a reference: ref_params "
+                "(its starting weights) or each batch's ref_logps"
+            )
         mb = {k: jnp.asarray(v[0]) for k, v in batch.items()}  # [1,2B,T] -> [2B,T]
         s, (n, extra) = _eval_pairs_step(objective, graphdef, params, rest, mb, ref_params)
         total, pairs = total + float(s), pairs + int(n)
@@ -510,8 +517,11 @@ _reference_step = jax.jit(reference_logps, static_argnums=0)
 
 def batch_reference_logps(model: Model, batch: dict[str, Any], ref_params: Any = None) -> Array:
     """The reference log-probabilities [2B] of the rows of one batch ``[1, 2B, T]`` of pairs:
-    ``ref_params`` (full fine-tuning), else ``model`` with its adapters off."""
+    ``ref_params``, else ``model`` with its adapters off, else (a model without adapters, as
+    full fine-tuning starts) ``model`` itself."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
+    if ref_params is None and model.lora is None and not model.eng.quantize:
+        ref_params = params  # no adapters to switch off: the weights are the reference
     mb = {k: jnp.asarray(v[0]) for k, v in batch.items() if k != "ref_logps"}  # [2B,T]
     return _reference_step(graphdef, params, rest, mb, ref_params)
 
