@@ -281,7 +281,29 @@ def quantize_nf4(
 
     idx, absmax = quantize_blockwise(flat, NF4_CODE, blocksize)  # [n], [n_blocks]
     packed = pack_nibbles(idx)  # [n] -> [ceil(n/2)]
-    shape = tuple(int(d) for d in w.shape)
+    return nf4_from_blocks(packed, absmax, w.shape, blocksize, double_quant)
+
+
+def nf4_from_blocks(
+    packed: np.ndarray,
+    absmax: np.ndarray,
+    shape: tuple[int, ...],
+    blocksize: int,
+    double_quant: bool = True,
+) -> NF4Tensor:
+    """The ``NF4Tensor`` of packed NF4 indices and their blocks' float32 absmax, the absmax
+    double-quantized if asked: the last step of ``quantize_nf4``.
+
+    Blocks are quantized independently, so ``packed`` and ``absmax`` may be computed a run of
+    whole blocks at a time (``quantize_blockwise`` and ``pack_nibbles`` of each run, joined);
+    only double quantization needs every block's absmax.
+
+    Args:
+        packed: uint8 [ceil(n/2)], ``pack_nibbles`` of the indices. absmax: float32 [n_blocks].
+        shape: the quantized tensor's shape, ``prod(shape) = n``. blocksize, double_quant: as
+            ``quantize_nf4``.
+    """
+    shape = tuple(int(d) for d in shape)
     if not double_quant:
         return NF4Tensor(packed=packed, absmax=absmax, shape=shape, blocksize=blocksize)
 

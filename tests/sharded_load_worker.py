@@ -6,11 +6,13 @@ Run with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the test sets i
   (written by the test) with ``load_sharded`` and with ``load_pretrained`` + ``shard_state``
   on each mesh of ``MESHES``, LoRA and QLoRA, and again with a reader that returns one wrong
   slice; prints one JSON object: per case, the leaves that differ and where each array lives.
-* ``python -m tests.sharded_load_worker make DIR``: writes the random float32 checkpoint of
-  ``BIG`` (about 150 MB) to DIR.
-* ``python -m tests.sharded_load_worker memory {sharded,naive} DIR``: loads DIR on ``fsdp=8``
-  and prints the growth of the peak resident set during the load (``VmHWM`` after resetting
-  it), the bytes the placed arrays hold and the largest single device piece.
+* ``python -m tests.sharded_load_worker make DIR [big|deep]``: writes the random float32
+  checkpoint of ``BIG`` (about 150 MB) or ``DEEP`` (about 110 MB) to DIR.
+* ``python -m tests.sharded_load_worker memory {sharded,naive,host} DIR [lora|qlora]``: loads
+  DIR on ``fsdp=8`` (LoRA by default; ``host``: ``load_pretrained`` alone, on one device) and
+  prints the growth of the peak resident set during the
+  load (``VmHWM`` after resetting it), the bytes the placed arrays hold, the largest single
+  device piece and the float32 bytes of the model.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from jax_impl.train import sharded_load
 from jax_impl.train.checkpoint import load_pretrained
 from jax_impl.train.sharded_load import load_sharded
 from jax_impl.train.sharding import make_mesh, parse_mesh, shard_state
-from ref_numpy.config import LoraConfig, llama_config
+from ref_numpy.config import LoraConfig, ModelConfig, llama_config
 from ref_numpy.formats import hf
 
 MESHES = ("fsdp=8", "data=2,fsdp=2,tensor=2")
@@ -61,6 +63,12 @@ BIG = llama_config(
     vocab_size=8192, d_model=768, n_layers=4, d_ff=2048, max_seq_len=64, n_heads=12,
     n_kv_heads=4, head_dim=64, tie_embeddings=False,
 )  # fmt: skip
+# ~110 MB of float32 weights, 94% of them in the projections: QLoRA holds a fifth of it.
+DEEP = llama_config(
+    vocab_size=2048, d_model=768, n_layers=4, d_ff=2048, max_seq_len=64, n_heads=12,
+    n_kv_heads=4, head_dim=64, tie_embeddings=True,
+)  # fmt: skip
+MODELS = {"big": BIG, "deep": DEEP}
 
 
 def engine(method: str) -> EngineConfig:
@@ -152,18 +160,18 @@ def equality(root: Path) -> dict[str, Any]:
     return report
 
 
-def make(out: Path) -> None:
-    """Write ``BIG`` with random float32 weights (std 0.02, norms 1) as a checkpoint."""
+def make(out: Path, cfg: ModelConfig) -> None:
+    """Write ``cfg`` with random float32 weights (std 0.02, norms 1) as a checkpoint."""
     rng = np.random.default_rng(0)
     params: dict[str, Any] = {}
-    for t in hf.hf_tensors(BIG):
+    for t in hf.hf_tensors(cfg):
         shape = t.shape[::-1] if t.transpose else t.shape
         if t.path[-1] == "weight" and len(shape) == 1:
             value = np.ones(shape, np.float32)
         else:
             value = rng.standard_normal(shape, np.float32) * np.float32(0.02)
         hf.set_leaf(params, t.path, value)
-    hf.save_model(params, BIG, out)
+    hf.save_model(params, cfg, out)
 
 
 def _status(key: str) -> int:
@@ -174,13 +182,14 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-def memory(mode: str, model_dir: Path) -> dict[str, Any]:
+def memory(mode: str, model_dir: Path, method: str = "lora") -> dict[str, Any]:
     mesh = make_mesh(parse_mesh("fsdp=8"))
     lora = LoraConfig(rank=4)
-    eng = EngineConfig()
+    eng = engine(method)
+    cfg = hf.load_config(model_dir)
     # Warm up: the runtime's own buffers and an abstract model trace, before the baseline.
     jax.block_until_ready(jax.device_put(np.zeros(8), NamedSharding(mesh, PartitionSpec("fsdp"))))
-    nnx.eval_shape(lambda: Model(hf.load_config(model_dir), lora, eng, rngs=nnx.Rngs(0)))
+    nnx.eval_shape(lambda: Model(cfg, lora, eng, rngs=nnx.Rngs(0)))
     try:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     except OSError as e:
@@ -188,6 +197,9 @@ def memory(mode: str, model_dir: Path) -> dict[str, Any]:
     base = _status("VmRSS")
     if mode == "sharded":
         _, model = load_sharded(model_dir, lora, eng, mesh)
+        arrays = list(leaves(model).values())
+    elif mode == "host":  # on one device, as the host loader leaves it
+        _, model = load_pretrained(model_dir, lora, eng)
         arrays = list(leaves(model).values())
     else:
         _, model = load_pretrained(model_dir, lora, eng)
@@ -200,7 +212,7 @@ def memory(mode: str, model_dir: Path) -> dict[str, Any]:
         "growth": peak - base,
         "held": sum(pieces),
         "largest_piece": max(pieces),
-        "model_bytes": 4 * hf.n_params(BIG),
+        "model_bytes": 4 * hf.n_params(cfg),
     }
 
 
@@ -209,10 +221,10 @@ def main(argv: list[str]) -> None:
     if kind == "equality":
         report = equality(Path(argv[1]))
     elif kind == "make":
-        make(Path(argv[1]))
+        make(Path(argv[1]), MODELS[argv[2] if len(argv) > 2 else "big"])
         report = {"written": argv[1]}
     elif kind == "memory":
-        report = memory(argv[1], Path(argv[2]))
+        report = memory(argv[1], Path(argv[2]), *argv[3:])
     else:
         raise SystemExit(f"unknown mode {kind!r}: expected equality, make or memory")
     print(json.dumps(report))

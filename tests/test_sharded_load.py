@@ -22,6 +22,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from jax_impl.model import EngineConfig
+from jax_impl.train import sharded_load
 from jax_impl.train.checkpoint import load_pretrained
 from jax_impl.train.sharded_load import BAND_BYTES, load_sharded
 from jax_impl.train.sharding import MeshConfig, make_mesh
@@ -138,8 +139,6 @@ def test_bfloat16_params_cast_as_load_pretrained_casts(checkpoints: Path) -> Non
 def test_bands_of_one_row_read_the_same(checkpoints: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``BAND_BYTES`` below one row, every read opens the file for one row of the tensor
     (strided column slices included), and the model is the same."""
-    from jax_impl.train import sharded_load
-
     rows: list[int] = []
     honest = sharded_load.read_slice
 
@@ -153,6 +152,65 @@ def test_bands_of_one_row_read_the_same(checkpoints: Path, monkeypatch: pytest.M
     _, got = load_sharded(*args, one_device_mesh())
     assert BAND_BYTES >= 1 << 20 and set(rows) == {1}
     assert_same(got, load_pretrained(*args)[1])
+
+
+@pytest.mark.parametrize(
+    ("transpose", "d_out", "d_in", "dtype", "blocksize", "double_quant"),
+    [
+        (True, 131, 97, "float32", 64, True),  # n odd: a padding nibble; 64 rows per block run
+        (True, 70, 48, "bfloat16", 32, True),  # 2 rows per block run; cast through float32
+        (False, 131, 97, "float16", 64, False),  # GPT-2's Conv1D: the file holds W^T
+        (False, 600, 24, "float32", 128, True),  # 16 rows per run; > 256 blocks: 2 nested blocks
+    ],
+)
+def test_quantizing_a_band_at_a_time_gives_the_spec_bytes(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    transpose: bool,
+    d_out: int,
+    d_in: int,
+    dtype: str,
+    blocksize: int,
+    double_quant: bool,
+) -> None:
+    """Bands of a few rows, each a whole number of blocks (the last one excepted), give every
+    field of the spec's ``quantize_nf4`` of the whole weight ``W [out, in]``, bit for bit."""
+    from ref_numpy.formats.hf import HFTensor
+    from ref_numpy.nf4 import quantize_nf4
+
+    w = (np.random.default_rng(3).standard_normal((d_out, d_in)) * 0.02).astype(dtype)
+    w[5] = 0.0  # an all-zero run of blocks
+    stored = w if transpose else np.ascontiguousarray(w.T)
+    save_file({"w": stored}, str(tmp_path / "model.safetensors"))
+    entry = sharded_load.scan(tmp_path)["w"]
+    t = HFTensor("w", ("layers", 0, "attn", "q_proj", "kernel"), stored.shape, transpose)
+
+    bands: list[int] = []
+    honest = sharded_load.read_slice
+
+    def counted(file: Path, name: str, index: Any) -> np.ndarray:
+        bands.append(index[0 if transpose else 1].stop)  # the last row of W it reaches
+        return honest(file, name, index)
+
+    monkeypatch.setattr(sharded_load, "QUANT_BAND_BYTES", 4 * d_in * 5)  # about 5 rows a band
+    monkeypatch.setattr(sharded_load, "read_slice", counted)
+    got = sharded_load._quantize_weight(t, entry, blocksize, double_quant)
+    want = quantize_nf4(w.astype(np.float32), blocksize, double_quant)
+    assert len(set(bands)) > 2  # several bands really ran
+    assert got.shape == want.shape == (d_out, d_in)
+    for field in ("packed", "absmax", "nested_absmax", "nested_code", "offset"):
+        g, e = getattr(got, field), getattr(want, field)
+        nested = field not in ("packed", "absmax")
+        assert (g is None) == (e is None) == (nested and not double_quant), field
+        if e is not None:
+            g, e = np.atleast_1d(g), np.atleast_1d(e)  # the offset is a scalar
+            assert g.dtype == e.dtype and g.shape == e.shape, field
+            assert np.array_equal(g.view(np.uint8), e.view(np.uint8)), field
+    w[-1, -1] = 1.0  # one value of the last band changed: the bytes differ (the check can fail)
+    stored = w if transpose else np.ascontiguousarray(w.T)
+    save_file({"w": stored}, str(tmp_path / "model.safetensors"))
+    other = sharded_load._quantize_weight(t, entry, blocksize, double_quant)
+    assert not np.array_equal(other.packed, want.packed)
 
 
 # --- bad checkpoints: the same message as the host loader, naming file and tensor ------------
@@ -390,3 +448,43 @@ def test_peak_host_memory_stays_within_the_placed_arrays_and_one_piece(big: Path
     assert sharded["largest_piece"] <= sharded["model_bytes"] // 8
     assert sharded["held"] * 0.95 <= sharded["growth"] <= bound, sharded
     assert naive["growth"] > bound, naive
+
+
+# Loading a float checkpoint for QLoRA may hold this much beyond loading its NF4 checkpoint:
+# one projection's stacked NF4 state on the host before it is placed (3 MiB for ``deep``),
+# the quantizer's temporaries of one band of rows (1.5 MiB) and the allocator's slack.
+QLORA_SLACK = 10 * MIB
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The float32 checkpoint of ``DEEP`` (about 110 MB) and its NF4 checkpoint (19 MB)."""
+    root = tmp_path_factory.mktemp("deep")
+    worker("make", str(root / "float"), "deep")
+    bnb.quantize_model(root / "float", root / "nf4")
+    return root / "float", root / "nf4"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sharded", "host"])
+def test_qlora_from_a_float_checkpoint_peaks_as_low_as_from_its_nf4_checkpoint(
+    deep: tuple[Path, Path], mode: str
+) -> None:
+    """Quantizing at load compiles nothing and holds no float copy of the model (nor its
+    file's pages): the peak resident set grows by no more than loading the NF4 checkpoint
+    does, plus ``QLORA_SLACK``, on ``fsdp=8`` (``load_sharded``) and on one device
+    (``load_pretrained``). On the mesh that is the placed arrays (under a quarter of the
+    float model) plus the slack; the host loader stays below the float model's size."""
+    float_dir, nf4_dir = deep
+    from_float = worker("memory", mode, str(float_dir), "qlora")
+    if "unsupported" in from_float:
+        pytest.skip(from_float["unsupported"])
+    from_nf4 = worker("memory", mode, str(nf4_dir), "qlora")
+    held, model_bytes = from_float["held"], from_float["model_bytes"]
+    assert from_nf4["held"] == held and 4 * held < model_bytes > 100 * MIB
+    assert from_nf4["growth"] >= 0.95 * held  # the measurement sees the arrays
+    assert from_float["growth"] <= from_nf4["growth"] + QLORA_SLACK, (from_float, from_nf4)
+    if mode == "sharded":
+        assert from_float["growth"] <= held + QLORA_SLACK, from_float
+    else:
+        assert from_float["growth"] < model_bytes, from_float

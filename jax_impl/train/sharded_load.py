@@ -12,19 +12,21 @@ logical-axis rules (``sharding.state_shardings``), without ever holding the mode
   devices hold (data-parallel replicas) is read once. Files are opened for at most
   ``BAND_BYTES`` of rows at a time, so the memory-mapped pages a strided read touches never
   add up to a whole tensor.
-* QLoRA from a float checkpoint quantizes one layer's projection at a time under ``jit``: the
-  float weight arrives split over the devices the NF4 bytes are split over, XLA computes the
-  cross-shard mean of the absmax that double quantization needs, and the result is written
-  into its row of the stacked NF4 state, which stays sharded. An NF4 checkpoint (ours or the
-  one transformers + bitsandbytes save) is read as its stored bytes, block scales and tables.
+* QLoRA from a float checkpoint quantizes one layer's projection at a time on the host with
+  the spec's NumPy quantizer, a band of whole rows at a time (blocks are independent; double
+  quantization needs only the blocks' absmax), and copies the NF4 fields straight into the
+  host buffers of this process's pieces of the stacked state; nothing is compiled, and no
+  float copy of a tensor is held. Each process reads the whole weight (the double
+  quantization offset is a mean over all of its blocks). An NF4 checkpoint (ours or the one
+  transformers + bitsandbytes save) is read as its stored bytes, block scales and tables.
 
 Host memory therefore peaks at the arrays already placed plus one device's piece (plus a
 file band); on an accelerator the placed arrays live in device memory. Quantizing at load
-adds one layer's float32 weight of one projection, split over the devices, and XLA's
-compiled quantize programs (one per distinct weight size; on CPU with 8 simulated devices
-they and their runtime buffers cost a few hundred MB of host memory). LoRA adapters are
-drawn on the host as ``ref_numpy.lora.add_lora`` draws them (same seed, same order), which
-keeps them equal to ``load_pretrained``'s; they are small (rank R per projection).
+adds this process's pieces of one projection's NF4 state (at most an eighth of that
+projection's float32 size) and one band of float rows, so a float checkpoint loads for QLoRA
+in about the memory its NF4 checkpoint does. LoRA adapters are drawn on the host as
+``ref_numpy.lora.add_lora`` draws them (same seed, same order), which keeps them equal to
+``load_pretrained``'s; they are small (rank R per projection).
 
 Every family the spec reads slices directly, GPT-2's fused ``c_attn`` included (the engine
 keeps it fused, with its own logical axis), so there is no whole-tensor fallback.
@@ -36,18 +38,17 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, so safetensors can read it)
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 from safetensors import SafetensorError
 
+from ref_numpy import nf4 as spec_nf4
 from ref_numpy.config import LoraConfig, ModelConfig
 from ref_numpy.formats import bnb, hf
 from ref_numpy.formats.hf import CheckpointError, HFTensor
@@ -55,13 +56,17 @@ from ref_numpy.lora import LORA_LEAVES, add_lora, projections
 from ref_numpy.nf4 import NESTED_BLOCKSIZE, NF4_CODE
 
 from ..model import EngineConfig, Model
-from ..nf4 import NF4State, quantize_nf4
+from ..nf4 import NF4State
 from .sharding import RULES, Rules, state_shardings
 
 Index = tuple[slice, ...]
+Bounds = tuple[tuple[int, int], ...]  # (start, stop) of each axis of a piece
 Fill = Callable[[np.ndarray, Index], None]
 
 BAND_BYTES = 8 << 20  # rows of a file mapped at once by one read (whole rows, at least one)
+# float32 rows of a weight quantized to NF4 at once (whole blocks, at least one); the
+# quantizer's temporaries (padded copy, normalised values, int64 indices) are about 6x this
+QUANT_BAND_BYTES = 1 << 18
 
 # safetensors' dtype codes as NumPy names (messages name NumPy dtypes, as ``hf`` does)
 _DTYPES = {
@@ -146,7 +151,7 @@ def _itemsize(dtype: str) -> int:
         return 1
 
 
-def _bounds(index: Index, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+def _bounds(index: Index, shape: tuple[int, ...]) -> Bounds:
     """``(start, stop)`` of each slice of ``index`` (a sharding's may be ``slice(None)``)."""
     return tuple(s.indices(d)[:2] for s, d in zip(index, shape, strict=True))
 
@@ -161,17 +166,35 @@ def assemble(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding, fill: 
     writes that piece into a fresh host buffer (shape of the piece, ``dtype``); the buffer is
     copied to every device holding that piece and dropped before the next one.
     """
-    groups: dict[tuple[tuple[int, int], ...], list[jax.Device]] = {}
+
+    def piece(bounds: Bounds) -> np.ndarray:
+        buf = np.empty(tuple(stop - start for start, stop in bounds), dtype)
+        fill(buf, tuple(slice(start, stop) for start, stop in bounds))
+        return buf
+
+    return _place(shape, sharding, piece)
+
+
+def _pieces(shape: tuple[int, ...], sharding: NamedSharding) -> dict[Bounds, list[jax.Device]]:
+    """``{bounds of a piece: this process's devices holding it}``, each distinct piece once."""
+    groups: dict[Bounds, list[jax.Device]] = {}
     for device, index in sharding.addressable_devices_indices_map(shape).items():
         assert index is not None
         groups.setdefault(_bounds(index, shape), []).append(device)
-    pieces: list[jax.Array] = []
-    for bounds, devices in groups.items():
-        buf = np.empty(tuple(stop - start for start, stop in bounds), dtype)
-        fill(buf, tuple(slice(start, stop) for start, stop in bounds))
-        pieces.extend(jax.device_put(buf, d) for d in devices)
+    return groups
+
+
+def _place(
+    shape: tuple[int, ...], sharding: NamedSharding, piece: Callable[[Bounds], np.ndarray]
+) -> jax.Array:
+    """The global array whose piece at each of ``_pieces``' bounds is ``piece(bounds)``, a
+    host array asked for when its turn comes and dropped once copied to its devices."""
+    arrays: list[jax.Array] = []
+    for bounds, devices in _pieces(shape, sharding).items():
+        buf = piece(bounds)
+        arrays.extend(jax.device_put(buf, d) for d in devices)
         del buf
-    return jax.make_array_from_single_device_arrays(shape, sharding, pieces)
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def _host_fill(value: np.ndarray) -> Fill:
@@ -364,51 +387,44 @@ def _fresh_adapters(
 # --- NF4 at load --------------------------------------------------------------------------
 
 
-@partial(jax.jit, static_argnames=("blocksize", "double_quant", "shardings"), donate_argnums=0)
-def _quantize_row(
-    stacked: dict[str, jax.Array],
-    w: jax.Array,
-    layer: jax.Array,
-    *,
-    blocksize: int,
-    double_quant: bool,
-    shardings: tuple[tuple[str, NamedSharding], ...],
-) -> dict[str, jax.Array]:
-    """``stacked`` with row ``layer`` of each field set to ``quantize_nf4(w)``'s.
+def _quantize_weight(
+    t: HFTensor, entry: Entry, blocksize: int, double_quant: bool
+) -> spec_nf4.NF4Tensor:
+    """The spec's ``quantize_nf4`` of the weight ``W [out, in]`` (the file tensor, or its
+    transpose for GPT-2's Conv1D), the bytes bnb stores, computed a band of whole rows at a time.
 
-    Args:
-      stacked: ``{field: [L, ...]}`` NF4 state of one projection, donated.
-      w: float32 [n], the weight ``W [out, in]`` flattened row-major.
-      layer: int32 [].
+    Each band holds a whole number of NF4 blocks (the last one excepted) and is quantized as
+    the spec quantizes (``quantize_blockwise``, ``pack_nibbles``) into its place in the packed
+    bytes and the float32 absmax; ``nf4_from_blocks`` then double-quantizes the absmax of all
+    of them. Host memory: one band of float32 rows (about ``QUANT_BAND_BYTES``) and its
+    temporaries, besides the result. Raises CheckpointError for NaN or Inf in the weight.
     """
-    q = quantize_nf4(w, blocksize, double_quant)
-    out = {name: stacked[name].at[layer].set(getattr(q, name)) for name in stacked}
-    return {name: jax.lax.with_sharding_constraint(out[name], s) for name, s in shardings}
-
-
-def _flat_weight_fill(t: HFTensor, entry: Entry) -> Fill:
-    """Fill pieces ``[lo:hi]`` of the float32 weight ``W [out, in]`` flattened row-major
-    (W is the file tensor, or its transpose for GPT-2's Conv1D), reading whole rows of W."""
-    d_in = _weight_shape(t)[1]
-
-    def fill(buf: np.ndarray, index: Index) -> None:
-        lo, hi = index[0].start, index[0].stop
-        r0, r1 = lo // d_in, -(-hi // d_in)
-        aligned = lo == r0 * d_in and hi == r1 * d_in
-        rows = buf.reshape(r1 - r0, d_in) if aligned else np.empty((r1 - r0, d_in), np.float32)
+    d_out, d_in = _weight_shape(t)
+    n = d_out * d_in
+    step = blocksize // math.gcd(d_in, blocksize)  # rows per whole number of blocks
+    rows_per_band = max(step, QUANT_BAND_BYTES // (4 * d_in) // step * step)
+    packed = np.empty((n + 1) // 2, np.uint8)  # [ceil(n/2)]
+    absmax = np.empty(-(-n // blocksize), np.float32)  # [n_blocks]
+    band = np.empty((min(rows_per_band, d_out), d_in), np.float32)
+    for r0 in range(0, d_out, rows_per_band):
+        r1 = min(r0 + rows_per_band, d_out)
+        rows = band[: r1 - r0]  # [r, in], rows r0:r1 of W
         if t.transpose:  # the file holds W [out, in]
             read_into(rows, entry, t.name, (slice(r0, r1), slice(0, d_in)), np.float32)
         else:  # the file holds W^T [in, out]
             read_into(rows.T, entry, t.name, (slice(0, d_in), slice(r0, r1)), np.float32)
-        if not aligned:
-            buf[...] = rows.reshape(-1)[lo - r0 * d_in : hi - r0 * d_in]
-        if not np.all(np.isfinite(buf)):
+        if not np.all(np.isfinite(rows)):
             raise CheckpointError(
                 f"{entry.file}: tensor {t.name!r} contains NaN or Inf (after the cast to "
                 "float32); it cannot be quantized to NF4"
             )
-
-    return fill
+        v0 = r0 * d_in  # the band's first value: a block boundary, and even (blocksize >= 32)
+        idx, band_absmax = spec_nf4.quantize_blockwise(rows.reshape(-1), NF4_CODE, blocksize)
+        codes = spec_nf4.pack_nibbles(idx)  # [r * in] -> [ceil(r * in / 2)]
+        packed[v0 // 2 : v0 // 2 + codes.size] = codes
+        absmax[v0 // blocksize : v0 // blocksize + band_absmax.size] = band_absmax
+        del idx, codes, band_absmax
+    return spec_nf4.nf4_from_blocks(packed, absmax, (d_out, d_in), blocksize, double_quant)
 
 
 def _quantize_stacked(
@@ -416,47 +432,34 @@ def _quantize_stacked(
     entries: dict[str, Entry],
     fields: dict[str, tuple[jax.ShapeDtypeStruct, NamedSharding]],
     eng: EngineConfig,
-    mesh: Mesh,
 ) -> dict[str, jax.Array]:
     """The stacked NF4 state ``{field: [L, ...]}`` of one projection of every layer,
-    quantized layer by layer from the float checkpoint, each field placed as ``fields`` says.
+    quantized from the float checkpoint on the host, each field placed as ``fields`` says.
 
-    Layer l's weight is read as a float32 vector split like the NF4 bytes (whole when they
-    do not divide), so each device reads only the rows its bytes come from.
+    Layer by layer, the weight is quantized by the spec's quantizer (``_quantize_weight``:
+    the same bytes as ``hf.load_model``'s, no compiled program, no float copy of the
+    tensor) and its fields are copied straight into the host buffers of this process's
+    pieces of the stacked state; once every layer is in, each piece goes to its devices.
+    Host memory: this process's pieces of this one projection's NF4 state, one layer's NF4
+    fields and one band of float rows.
     """
-    n = math.prod(_weight_shape(ts[0]))
-    spec = fields["packed"][1].spec
-    axes = spec[1] if len(spec) > 1 else None
-    split = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
-    w_sharding = NamedSharding(mesh, PartitionSpec(axes if n % split == 0 else None))
-    stacked = {
-        name: assemble(a.shape, a.dtype, s, lambda buf, _: buf.fill(0))
+    bufs = {
+        name: {
+            bounds: np.empty(tuple(stop - start for start, stop in bounds), a.dtype)
+            for bounds in _pieces(a.shape, s)
+        }
         for name, (a, s) in fields.items()
     }
-    shardings = tuple((name, s) for name, (_, s) in fields.items())
     for layer, t in enumerate(ts):
-        w = assemble((n,), np.float32, w_sharding, _flat_weight_fill(t, entries[t.name]))
-        stacked = _quantize_row(
-            stacked,
-            w,
-            jnp.int32(layer),
-            blocksize=eng.nf4_blocksize,
-            double_quant=eng.double_quant,
-            shardings=shardings,
-        )
-        del w
-    return {name: _exactly(stacked[name], s) for name, s in shardings}
-
-
-def _exactly(x: jax.Array, sharding: NamedSharding) -> jax.Array:
-    """``x`` carrying ``sharding`` itself: jit may hand back an equivalent spelling of it
-    (``P()`` for ``P(None, None)``); the same device buffers are re-labelled, not copied."""
-    if x.sharding == sharding:
-        return x
-    if not x.sharding.is_equivalent_to(sharding, x.ndim):
-        return jax.device_put(x, sharding)
-    pieces = [s.data for s in x.addressable_shards]
-    return jax.make_array_from_single_device_arrays(x.shape, sharding, pieces)
+        q = _quantize_weight(t, entries[t.name], eng.nf4_blocksize, eng.double_quant)
+        for name, pieces in bufs.items():
+            value = np.asarray(getattr(q, name))  # this layer's field: [...] or [] (offset)
+            for bounds, buf in pieces.items():
+                (lo, hi), rest = bounds[0], bounds[1:]
+                if lo <= layer < hi:
+                    buf[layer - lo] = value[tuple(slice(start, stop) for start, stop in rest)]
+        del q
+    return {name: _place(a.shape, s, bufs.pop(name).pop) for name, (a, s) in fields.items()}
 
 
 def _stored_nf4_fill(
@@ -585,7 +588,7 @@ def load_sharded(
                         for p, v in variables
                         if tuple(map(str, p[:-1])) == key[:-1]
                     }
-                    quantized[key[:-1]] = _quantize_stacked(ts, entries, fields, eng, mesh)
+                    quantized[key[:-1]] = _quantize_stacked(ts, entries, fields, eng)
                 array = quantized[key[:-1]].pop(key[-1])
         else:
             ts = table[key]

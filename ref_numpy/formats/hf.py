@@ -5,8 +5,9 @@ listed in ``model.safetensors.index.json``. Reading maps every tensor name onto 
 param tree (``hf_tensors`` is the one table), transposing PyTorch's ``[out, in]`` linear
 weights to our ``[in, out]`` kernels (GPT-2's ``Conv1D`` already stores ``[in, out]``), and
 checks that each expected tensor is present with its shape and a float dtype, and that
-nothing is left over. Tensors are read one at a time from memory-mapped files, so a load
-never holds two copies of the model; a kernel can be quantized to NF4 as it arrives.
+nothing is left over. Tensors are read one at a time from memory-mapped files, each file open
+only around one read, so a load never holds two copies of the model (nor the file's pages);
+a kernel can be quantized to NF4 as it arrives.
 
 Writing goes to a temporary directory beside the target, renamed into place at the end,
 so a failed write leaves nothing behind.
@@ -492,20 +493,28 @@ def open_safetensors(path: Path) -> Iterator[Any]:
 
 
 def iter_tensors(files: dict[str, Path]) -> Iterator[tuple[str, np.ndarray]]:
-    """``(name, array)`` for every tensor, one file open at a time, each tensor read alone."""
+    """``(name, array)`` for every tensor, file by file, each tensor read alone.
+
+    The file is opened around each read only: the pages of a memory-mapped file stay resident
+    while it is open, so reading every tensor through one open file would hold the whole file
+    in memory besides the arrays read from it. At most one tensor's pages are mapped at once.
+    """
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
         with open_safetensors(file) as f:
             present = set(f.keys())
-            for name in names:
-                if name not in present:
-                    raise CheckpointError(f"{file}: tensor {name!r} listed in the index is absent")
+        for name in names:
+            if name not in present:
+                raise CheckpointError(f"{file}: tensor {name!r} listed in the index is absent")
+            with open_safetensors(file) as f:
                 try:
-                    yield name, f.get_tensor(name)
+                    array = f.get_tensor(name)
                 except (SafetensorError, OSError) as e:
                     raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({e})") from None
+            yield name, array
+            del array
 
 
 def set_leaf(tree: Params, path: tuple[Any, ...], value: Any) -> None:
