@@ -98,6 +98,5 @@ def reward_sums(logps: Array, ref_logps: Array, counts: Array, beta: float) -> d
     lc, lr = _pairs(logps)  # [P], [P]
     values = (chosen, rejected, (chosen > rejected).astype(logps.dtype), chosen - rejected, lc, lr)
     return {
-        name: jnp.where(valid, v, 0.0).sum()
-        for name, v in zip(REWARD_METRICS, values, strict=True)
+        name: jnp.where(valid, v, 0.0).sum() for name, v in zip(REWARD_METRICS, values, strict=True)
     }
