@@ -19,7 +19,6 @@ from jax_impl.model import EngineConfig, Model, Remat, from_spec, lora_targets
 from jax_impl.train.trainer import (
     OptimConfig,
     Trainer,
-    _sum_and_grad,
     check_host_offload,
     fit,
 )
@@ -325,8 +324,8 @@ def test_bfloat16_compute_keeps_adapters_state_and_loss_in_float32() -> None:
         }
         assert kinds == {("Frozen", dtype), ("LoRAParam", "float32")}, kinds
         trainer = Trainer.create(model, OptimConfig(lr=1e-2, total_steps=4))
-        (loss, _), grads = jax.jit(_sum_and_grad, static_argnums=0)(
-            trainer.graphdef, trainer.params, trainer.rest, _micro(batch), KEY, jnp.asarray(0)
+        (loss, _), grads = jax.jit(trainer._sum_and_grad)(
+            trainer.params, trainer.rest, _micro(batch), KEY, None
         )
         assert loss.dtype == jnp.float32
         assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype("float32")}
