@@ -13,8 +13,16 @@ second of each round and their median. Shapes:
 ``--method qlora`` quantizes the frozen base to NF4 (double quant, block 64) on both sides:
 the peer loads it through transformers' ``BitsAndBytesConfig`` with float32 compute.
 
+``--dtype bf16`` (or ``bfloat16``) adds a bf16 pair to every round, as a CPU user with bf16
+matrix units (AMX, AVX512-BF16) runs it: the engine with ``EngineConfig(dtype="bfloat16")``
+(float32 adapters, AdamW state and loss), the peer under ``torch.autocast("cpu",
+dtype=torch.bfloat16)``. Each round then runs four processes (engine and peer, float32 and
+bf16) and prints both ratios, float32 / float32 and bf16 / bf16. The first line says which of
+those units the CPU has (``cpu_flags``) and what ``dtype="auto"`` resolves to on it.
+
     python bench/cpu_train.py                       # needs the interop extra
     python bench/cpu_train.py --shape smollm2-135m --rounds 3
+    python bench/cpu_train.py --dtype bf16 --method qlora
 
 The engine side runs under the glibc tunable ``glibc.malloc.hugetlb=1``, as ``qlora-spec``
 does (``jax_impl/apps/hugepages.py``), the peer in the environment as it is, as PEFT's users
@@ -63,7 +71,18 @@ def timed(step: Callable[[], None], warmup: int, steps: int) -> list[float]:
     return times
 
 
-def engine_side(s: dict[str, Any], method: str, ids: np.ndarray, warmup: int, steps: int) -> dict:
+def cpu_flags() -> list[str]:
+    """The CPU's bf16 matrix features (AMX, AVX512-BF16) as /proc/cpuinfo names them."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return []
+    return sorted({f for f in text.split() if f.startswith(("amx", "avx512_bf16"))})
+
+
+def engine_side(
+    s: dict[str, Any], method: str, dtype: str, ids: np.ndarray, warmup: int, steps: int
+) -> dict:
     import jax
     from flax import nnx
 
@@ -73,7 +92,8 @@ def engine_side(s: dict[str, Any], method: str, ids: np.ndarray, warmup: int, st
 
     cfg = engine_config(s)
     lora = LoraConfig(rank=16, alpha=32.0, targets=TARGETS)
-    model = Model(cfg, lora, EngineConfig(quantize=method == "qlora"), rngs=nnx.Rngs(0))
+    eng = EngineConfig(quantize=method == "qlora", dtype=dtype)  # type: ignore[arg-type]
+    model = Model(cfg, lora, eng, rngs=nnx.Rngs(0))
     trainer = Trainer.create(model, OptimConfig(lr=1e-4, total_steps=10_000, max_grad_norm=None))
     batch = {"input_ids": ids[None], "labels": ids[None]}
     times = timed(lambda: jax.block_until_ready(trainer.step(batch)["loss"]), warmup, steps)
@@ -81,7 +101,9 @@ def engine_side(s: dict[str, Any], method: str, ids: np.ndarray, warmup: int, st
     return {"side": "engine", **versions, "times": times}
 
 
-def peer_side(s: dict[str, Any], method: str, ids: np.ndarray, warmup: int, steps: int) -> dict:
+def peer_side(
+    s: dict[str, Any], method: str, dtype: str, ids: np.ndarray, warmup: int, steps: int
+) -> dict:
     import peft
     import torch
 
@@ -92,8 +114,12 @@ def peer_side(s: dict[str, Any], method: str, ids: np.ndarray, warmup: int, step
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x = torch.from_numpy(ids.astype(np.int64))
 
+    bf16 = dtype == "bfloat16"
+
     def step() -> None:
-        model(input_ids=x, labels=x).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -107,7 +133,8 @@ def run_side(args: argparse.Namespace) -> None:
     s = SHAPES[args.shape]
     ids = np.random.default_rng(0).integers(0, s["V"], size=(s["B"], s["T"])).astype(np.int32)
     side = engine_side if args.side == "engine" else peer_side
-    out = side(s, args.method, ids, args.warmup, args.steps)
+    dtype = "float32" if args.dtype == "float32" else "bfloat16"
+    out = side(s, args.method, dtype, ids, args.warmup, args.steps)
     med = statistics.median(out["times"])
     out.update(s_per_step=med, tokens_per_s=s["B"] * s["T"] / med)
     print(json.dumps(out))
@@ -121,9 +148,10 @@ def engine_env(huge_pages: bool) -> dict[str, str]:
     return (with_huge_pages(os.environ) if huge_pages else None) or dict(os.environ)
 
 
-def spawn(args: argparse.Namespace, side: str, env: dict[str, str]) -> dict:
+def spawn(args: argparse.Namespace, side: str, dtype: str, env: dict[str, str]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--shape", args.shape]
     cmd += ["--method", args.method, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    cmd += ["--dtype", dtype]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         sys.exit(f"{side} side failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -134,6 +162,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="default")
     p.add_argument("--method", choices=["lora", "qlora"], default="lora")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bf16", "bfloat16"],
+        default="float32",
+        help="float32: one float32 pair per round; bf16 (bfloat16): a bf16 pair too, the peer "
+        "under torch.autocast",
+    )
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of both sides")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per process")
     p.add_argument("--steps", type=int, default=8, help="timed steps per process")
@@ -147,26 +182,34 @@ def main() -> None:
     if args.side:
         return run_side(args)
     s = SHAPES[args.shape]
+    from jax_impl.model import EngineConfig
+
+    dtypes = ["float32"] if args.dtype == "float32" else ["float32", "bfloat16"]
     envs = {"engine": engine_env(not args.no_huge_pages), "peer": dict(os.environ)}
-    head = {"shape": args.shape, "method": args.method, **s, "cpus": os.cpu_count()}
+    head = {"shape": args.shape, "method": args.method, "dtypes": dtypes, **s}
+    auto = EngineConfig().resolve(engine_config(s), "cpu").dtype
+    head.update(cpus=os.cpu_count(), cpu_flags=cpu_flags(), auto_dtype=auto)
     tunables = {side: env.get("GLIBC_TUNABLES") for side, env in envs.items()}
-    print(json.dumps({**head, "GLIBC_TUNABLES": tunables}))
-    ratios: list[float] = []
-    per_side: dict[str, list[float]] = {"engine": [], "peer": []}
+    print(json.dumps({**head, "GLIBC_TUNABLES": tunables, "load": os.getloadavg()}))
+    ratios: dict[str, list[float]] = {dt: [] for dt in dtypes}
+    per_side: dict[str, list[float]] = {f"{side} {dt}": [] for dt in dtypes for side in envs}
     for r in range(args.rounds):
         order = ("engine", "peer") if r % 2 == 0 else ("peer", "engine")
-        got = {side: spawn(args, side, envs[side]) for side in order}
-        for side in order:
-            per_side[side].append(got[side]["tokens_per_s"])
-            print(json.dumps({"round": r + 1, **got[side]}))
-        ratios.append(got["engine"]["tokens_per_s"] / got["peer"]["tokens_per_s"])
-        print(json.dumps({"round": r + 1, "ratio_engine_over_peer": ratios[-1]}))
+        for dt in dtypes:
+            got = {side: spawn(args, side, dt, envs[side]) for side in order}
+            for side in order:
+                per_side[f"{side} {dt}"].append(got[side]["tokens_per_s"])
+                print(json.dumps({"round": r + 1, "dtype": dt, **got[side]}))
+            ratios[dt].append(got["engine"]["tokens_per_s"] / got["peer"]["tokens_per_s"])
+            line = {"round": r + 1, "dtype": dt, "ratio_engine_over_peer": ratios[dt][-1]}
+            print(json.dumps({**line, "load": os.getloadavg()}))
     spread = {k: max(v) / min(v) - 1 for k, v in per_side.items()}
+    medians = {dt: statistics.median(v) for dt, v in ratios.items()}
     print(
         json.dumps(
             {
                 "ratios": ratios,
-                "median_ratio": statistics.median(ratios),
+                "median_ratio": medians,
                 "tokens_per_s": per_side,
                 "spread_over_rounds": spread,
             }

@@ -81,20 +81,22 @@ def main() -> None:
     p.add_argument("--layers", type=int, help="override the shape's layer count")
     p.add_argument("--steps", type=int, default=3, help="traced steps")
     p.add_argument("--top", type=int, default=30, help="operations listed")
+    p.add_argument("--method", choices=["lora", "qlora"], default="lora")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = p.parse_args()
 
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from jax_impl.model import Model
+    from jax_impl.model import EngineConfig, Model
     from jax_impl.train.trainer import OptimConfig, Trainer
     from ref_numpy.config import LoraConfig
 
     s = dict(SHAPES[args.shape], **({"L": args.layers} if args.layers else {}))
-    model = Model(
-        engine_config(s), LoraConfig(rank=16, alpha=32.0, targets=TARGETS), rngs=nnx.Rngs(0)
-    )
+    eng = EngineConfig(quantize=args.method == "qlora", dtype=args.dtype)
+    lora = LoraConfig(rank=16, alpha=32.0, targets=TARGETS)
+    model = Model(engine_config(s), lora, eng, rngs=nnx.Rngs(0))
     trainer = Trainer.create(model, OptimConfig(lr=1e-4, total_steps=10_000, max_grad_norm=None))
     ids = np.random.default_rng(0).integers(0, s["V"], size=(1, s["B"], s["T"]), dtype=np.int32)
     batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(ids)}
@@ -126,7 +128,8 @@ def main() -> None:
 
     n, total = args.steps, sum(per_op.values())
     print(
-        f"shape {args.shape}, {s['L']} layers, batch {s['B']} x {s['T']}: step {wall:.3f} s "
+        f"shape {args.shape}, {args.method} {args.dtype}, {s['L']} layers, batch {s['B']} x "
+        f"{s['T']}: step {wall:.3f} s "
         f"wall, {total / n / 1e9:.3f} s in compiled operations; load {os.getloadavg()[0]:.1f}"
     )
     kinds: collections.Counter[str] = collections.Counter()
