@@ -11,6 +11,7 @@ thousand features loses most of its bits. Variables carry logical axis names
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -75,13 +76,49 @@ def embedding(ids: Array, table: Array) -> Array:
 def linear(x: Array, kernel: Array, bias: Array | None = None) -> Array:
     """``x @ W + b``, kernel ``[in, out]``. [..., I] -> [..., O] in x's dtype.
 
-    The products are summed in ``acc_dtype`` (what GPU and TPU matrix units do for bf16).
+    The products are summed in ``acc_dtype`` (what GPU and TPU matrix units do for bf16), the
+    backward's too (``matmul``).
     """
-    acc = acc_dtype(x.dtype)
-    y = jnp.einsum("...I,IO->...O", x, kernel, preferred_element_type=acc)  # [...,I] -> [...,O]
+    y = matmul(x, kernel, acc_dtype(x.dtype))  # [...,I] -> [...,O]
     if bias is not None:
         y = y + bias  # [...,O] + [O]
     return y.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(x: Array, w: Array, out_dtype: Any) -> Array:
+    """``x @ w`` summed in ``acc_dtype``: [..., I], [I, O] -> [..., O] in ``out_dtype``.
+
+    Its backward takes the cotangent in x's (compute) dtype and sums each product in
+    ``acc_dtype`` too: under bf16 compute every product of the step, forward and backward, is
+    bf16 x bf16 summed in float32, the one form CPU matrix units (AMX, AVX512-BF16, through
+    XLA's YNNPACK dots) and GPU tensor cores run at their bf16 rate. Autodiff of the forward
+    line would form the backward products from the float32 cotangent of the float32 sums, and
+    XLA would widen the bf16 operand to float32: on a CPU with AMX those products ran at a
+    fifth of the bf16 rate. Rounding the cotangent to bf16 is what bf16 compute does to every
+    other activation gradient (and what ``torch.autocast`` does). Under float32 and float64
+    compute the cast is the identity and this is autodiff's backward.
+    """
+    acc = acc_dtype(x.dtype)
+    return jnp.einsum("...I,IO->...O", x, w, preferred_element_type=acc).astype(out_dtype)
+
+
+def _matmul_fwd(x: Array, w: Array, out_dtype: Any) -> tuple[Array, tuple[Array, Array]]:
+    return matmul(x, w, out_dtype), (x, w)
+
+
+def _matmul_bwd(out_dtype: Any, res: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
+    """``(dx, dw)``: ``dy @ w^T`` and ``x^T @ dy`` over the flattened token axis."""
+    x, w = res
+    acc = acc_dtype(x.dtype)
+    dy = dy.astype(x.dtype)  # [...,O] in the compute dtype
+    dx = jnp.einsum("...O,IO->...I", dy, w, preferred_element_type=acc)  # [...,O] -> [...,I]
+    xm, dym = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # [M,I], [M,O]
+    dw = jnp.einsum("MI,MO->IO", xm, dym, preferred_element_type=acc)  # [I,O]
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def layer_norm(x: Array, weight: Array, bias: Array, eps: float) -> Array:
@@ -128,8 +165,14 @@ def swiglu(gate: Array, up: Array) -> Array:
     ``sigmoid(gate)`` is recomputed inside the one pass that forms both cotangents, where
     autodiff of ``gate * sigmoid(gate) * up`` would keep the sigmoid and the products too,
     more ``[B, T, F]`` arrays than any other part of a block.
+
+    Both directions run in ``acc_dtype`` and round once per output, as the
+    norms do: under bf16 compute each bf16 operation would round, and XLA's CPU backend runs
+    each as float32 with a conversion on both sides.
     """
-    return silu(gate) * up  # [...,F]
+    acc = acc_dtype(gate.dtype)
+    g, u = gate.astype(acc), up.astype(acc)  # [...,F]
+    return (silu(g) * u).astype(gate.dtype)  # [...,F]
 
 
 def _swiglu_fwd(gate: Array, up: Array) -> tuple[Array, tuple[Array, Array]]:
@@ -139,9 +182,11 @@ def _swiglu_fwd(gate: Array, up: Array) -> tuple[Array, tuple[Array, Array]]:
 def _swiglu_bwd(res: tuple[Array, Array], dout: Array) -> tuple[Array, Array]:
     """``(dgate, dup)``: ``dout * up * s * (1 + gate * (1 - s))`` and ``dout * gate * s``."""
     gate, up = res
-    s = jax.nn.sigmoid(gate)  # [...,F], again
-    dgate = dout * up * s * (1.0 + gate * (1.0 - s))  # [...,F]
-    return dgate, dout * (gate * s)  # [...,F], [...,F]
+    acc = acc_dtype(gate.dtype)
+    g, u, d = gate.astype(acc), up.astype(acc), dout.astype(acc)  # [...,F]
+    s = jax.nn.sigmoid(g)  # [...,F], again
+    dgate = d * u * s * (1.0 + g * (1.0 - s))  # [...,F]
+    return dgate.astype(gate.dtype), (d * (g * s)).astype(up.dtype)  # [...,F], [...,F]
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

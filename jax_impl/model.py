@@ -50,6 +50,7 @@ from .layers import (
     acc_dtype,
     cross_entropy,
     embedding,
+    matmul,
     proj_axes,
     swiglu,
     variable,
@@ -578,7 +579,9 @@ class Model(nnx.Module):
         """Final norm (pre-LN models) and the head: [B, T, D] -> [B, T, V] in acc_dtype.
 
         Logits stay in acc_dtype: they can be large, and a bf16 logit of 10 is off by up to
-        0.03, which moves its softmax probability by 3%.
+        0.03, which moves its softmax probability by 3%. Their gradient is rounded to the
+        compute dtype for the head's two backward products (``matmul``), as every activation
+        gradient is under bf16 compute.
         """
         cfg, eng = self.cfg, self.eng
         if cfg.norm_order == "pre":
@@ -587,12 +590,8 @@ class Model(nnx.Module):
             head = self.embed.embedding[...].T  # [V,D] -> [D,V]
         else:
             head = self.lm_head.weight()  # [D,V]
-        return jnp.einsum(
-            "BTD,DV->BTV",
-            x,
-            head.astype(jnp.dtype(eng.dtype)),
-            preferred_element_type=acc_dtype(jnp.dtype(eng.dtype)),
-        )  # [B,T,D] -> [B,T,V]
+        dt = jnp.dtype(eng.dtype)
+        return matmul(x, head.astype(dt), acc_dtype(dt))  # [B,T,D] -> [B,T,V]
 
 
 def causal_lm_loss(logits: Array, labels: Array) -> Array:

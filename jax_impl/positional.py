@@ -60,12 +60,18 @@ def rope(x: Array, positions: Array, inv_freq: np.ndarray, attention_factor: flo
       inv_freq: [H/2] from ``rope_frequencies``.
       attention_factor: multiplies cos and sin (``rope_attention_factor``; 1 but for YaRN).
     Returns:
-      [B, T, N, H]: ``x * cos + rotate_half(x) * sin``.
+      [B, T, N, H] in x's dtype: ``x * cos + rotate_half(x) * sin``.
+
+    The rotation runs in ``acc_dtype`` and rounds once, at the end: under bf16 compute a
+    bf16 product and sum would each round (and XLA's CPU backend emulates every bf16
+    operation in float32 with a conversion on each side, so the bf16 lines, and their
+    backward, also cost several times the float32 ones).
     """
     dt = acc_dtype(x.dtype)
     inv = jnp.asarray(inv_freq, dt)  # [H/2], the float64 constants rounded to acc_dtype
     angle = positions[..., None].astype(dt) * inv  # [B,T,1] * [H/2] -> [B,T,H/2]
     angle = jnp.concatenate([angle, angle], axis=-1)[:, :, None, :]  # [B,T,1,H]
-    cos = (jnp.cos(angle) * attention_factor).astype(x.dtype)  # [B,T,1,H]
-    sin = (jnp.sin(angle) * attention_factor).astype(x.dtype)  # [B,T,1,H]
-    return x * cos + _rotate_half(x) * sin  # [B,T,N,H]
+    cos = jnp.cos(angle) * attention_factor  # [B,T,1,H]
+    sin = jnp.sin(angle) * attention_factor  # [B,T,1,H]
+    xf = x.astype(dt)  # [B,T,N,H]
+    return (xf * cos + _rotate_half(xf) * sin).astype(x.dtype)  # [B,T,N,H]
