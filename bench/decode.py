@@ -1,21 +1,29 @@
 """Greedy KV-cache decoding speed: the engine's jitted loop against transformers' ``generate``.
 
 One random Llama-shaped model (V=8192, D=512, F=1376, 4 layers, 8 heads, 4 kv heads) is
-built in transformers, saved with ``save_pretrained`` and loaded by the engine with
+built in transformers and saved with ``save_pretrained``; the engine loads the same files with
 ``load_pretrained``, so both sides run the same weights in float32. Both decode the same
-prompt (B x T0 = 1 x 32, env B and T0) by NEW = 128 new tokens, greedy, cache on, no eos.
-Each side warms up once (compilation excluded), then the median of TIMED runs is taken.
-Prints one JSON line per side and one with the ratio engine / peer of tokens per second
-and how many generated tokens agree. Run:
+prompts (B x T0, T0 = 32) by NEW = 128 new tokens, greedy, cache on, no eos, at each batch
+size of ``--batches`` (B = 1 and B = 8 by default).
+
+Each side runs in a fresh process of its own (the engine under ``glibc.malloc.hugetlb=1``, as
+``qlora-spec`` runs), warms up once (compilation excluded) and takes the median of
+``--timed`` runs; the sides alternate (engine first in odd rounds) for ``--rounds`` rounds.
+Every process prints a JSON line; each round and batch size gets the ratio engine / peer of
+tokens per second and the share of generated tokens on which the two sides agree; the last
+line has the median ratio per batch size. Run:
 
     python bench/decode.py            # needs torch and transformers (the interop extra)
+    python bench/decode.py --batches 1 --rounds 5
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,34 +31,35 @@ from collections.abc import Callable
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout
 
 V, D, F, L, N, K = 8192, 512, 1376, 4, 8, 4
-B, T0 = int(os.environ.get("B", 1)), int(os.environ.get("T0", 32))
-NEW, TIMED = int(os.environ.get("NEW", 128)), int(os.environ.get("TIMED", 5))
 
 
-def timed(run: Callable[[], np.ndarray]) -> tuple[float, np.ndarray]:
-    """Median seconds of a run after one warm-up run, and the tokens it gave."""
+def timed(run: Callable[[], np.ndarray], n: int) -> tuple[list[float], np.ndarray]:
+    """Seconds of each of ``n`` runs after one warm-up run, and the tokens the last gave."""
     out = run()
     times = []
-    for _ in range(TIMED):
+    for _ in range(n):
         t = time.perf_counter()
         out = run()
         times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+    return times, out
 
 
-def main() -> None:
-    import jax
+def prompt(batch: int, t0: int) -> np.ndarray:
+    """The prompt ids [B, T0] of a batch size (the same on both sides)."""
+    return np.random.default_rng(batch).integers(0, V, size=(batch, t0))
+
+
+def save_model(path: str) -> None:
+    """The random float32 Llama of the benchmark, written with ``save_pretrained``."""
     import torch
     import transformers
 
-    from jax_impl.generate import generate
-    from jax_impl.train.checkpoint import load_pretrained
-
     torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(
+    cfg = transformers.LlamaConfig(
         vocab_size=V,
         hidden_size=D,
         intermediate_size=F,
@@ -63,54 +72,103 @@ def main() -> None:
         eos_token_id=None,
         pad_token_id=None,
     )
-    peer = transformers.LlamaForCausalLM(hf_cfg).eval()
-    prompt = np.random.default_rng(0).integers(0, V, size=(B, T0))
-    ids = torch.as_tensor(prompt)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
 
-    def peer_run() -> np.ndarray:
+
+def engine_side(path: str, ids: np.ndarray, new: int, n: int) -> tuple[dict, np.ndarray]:
+    import jax
+
+    from jax_impl.generate import generate
+    from jax_impl.model import EngineConfig
+    from jax_impl.train.checkpoint import load_pretrained
+
+    _, model = load_pretrained(path, eng=EngineConfig(dtype="float32"))
+    times, out = timed(lambda: generate(model, ids, new), n)
+    return {"jax": jax.__version__, "backend": jax.default_backend(), "times": times}, out
+
+
+def peer_side(path: str, ids: np.ndarray, new: int, n: int) -> tuple[dict, np.ndarray]:
+    import torch
+    import transformers
+
+    peer = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    x = torch.as_tensor(ids)
+
+    def run() -> np.ndarray:
         with torch.no_grad():
             out = peer.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=NEW,
-                min_new_tokens=NEW,
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=new,
+                min_new_tokens=new,
                 do_sample=False,
                 use_cache=True,
                 pad_token_id=0,
             )
         return out.numpy()
 
+    times, out = timed(run, n)
+    versions = {"transformers": transformers.__version__, "torch": torch.__version__}
+    return {**versions, "threads": torch.get_num_threads(), "times": times}, out
+
+
+def run_side(args: argparse.Namespace) -> None:
+    """One side at one batch size in this process: a JSON line, the tokens to a .npy file."""
+    ids = prompt(args.batch, args.t0)
+    side = engine_side if args.side == "engine" else peer_side
+    row, out = side(args.model, ids, args.new, args.timed)
+    np.save(args.tokens, out[:, args.t0 :])
+    med = statistics.median(row["times"])
+    row.update(s_per_generate=med, tokens_per_s=args.batch * args.new / med)
+    print(json.dumps({"side": args.side, "B": args.batch, **row}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes B")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of both sides")
+    p.add_argument("--t0", type=int, default=32, help="prompt length T0")
+    p.add_argument("--new", type=int, default=128, help="new tokens per row")
+    p.add_argument("--timed", type=int, default=5, help="timed generate calls per process")
+    p.add_argument("--side", choices=["engine", "peer"], help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--tokens", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.side:
+        return run_side(args)
+
+    from jax_impl.apps.hugepages import with_huge_pages
+
+    envs = {"engine": with_huge_pages(os.environ) or dict(os.environ), "peer": dict(os.environ)}
+    batches = [int(b) for b in args.batches.split(",")]
+    head = {"V": V, "D": D, "F": F, "L": L, "N": N, "K": K, "T0": args.t0, "new": args.new}
+    print(json.dumps({**head, "batches": batches, "cpus": os.cpu_count()}))
+    ratios: dict[int, list[float]] = {b: [] for b in batches}
     with tempfile.TemporaryDirectory() as tmp:
-        peer.save_pretrained(tmp)
-        _, model = load_pretrained(tmp)
-
-    def engine_run() -> np.ndarray:
-        return generate(model, prompt, NEW)
-
-    s_eng, out_eng = timed(engine_run)
-    s_peer, out_peer = timed(peer_run)
-    tokens = B * NEW
-    rows = [
-        {
-            "side": "qlora-spec engine (jax, jit while_loop)",
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "s_per_generate": s_eng,
-            "tokens_per_s": tokens / s_eng,
-        },
-        {
-            "side": "transformers generate",
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "s_per_generate": s_peer,
-            "tokens_per_s": tokens / s_peer,
-        },
-    ]
-    for row in rows:
-        print(json.dumps({"B": B, "T0": T0, "new_tokens": NEW, **row}))
-    agree = float((out_eng[:, T0:] == out_peer[:, T0:]).mean())
-    print(json.dumps({"ratio_engine_over_peer": s_peer / s_eng, "token_agreement": agree}))
+        save_model(tmp)
+        for r in range(args.rounds):
+            order = ("engine", "peer") if r % 2 == 0 else ("peer", "engine")
+            for b in batches:
+                got, tokens = {}, {}
+                for side in order:
+                    out = os.path.join(tmp, f"{side}.npy")
+                    cmd = [sys.executable, os.path.abspath(__file__), "--side", side]
+                    cmd += ["--batch", str(b), "--model", tmp, "--tokens", out]
+                    cmd += ["--t0", str(args.t0), "--new", str(args.new)]
+                    cmd += ["--timed", str(args.timed)]
+                    proc = subprocess.run(cmd, capture_output=True, text=True, env=envs[side])
+                    if proc.returncode != 0:
+                        sys.exit(f"{side} side failed (exit {proc.returncode}):\n{proc.stderr}")
+                    got[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+                    tokens[side] = np.load(out)
+                    print(json.dumps({"round": r + 1, **got[side]}))
+                ratios[b].append(got["engine"]["tokens_per_s"] / got["peer"]["tokens_per_s"])
+                agree = float((tokens["engine"] == tokens["peer"]).mean())
+                line = {"round": r + 1, "B": b, "ratio_engine_over_peer": ratios[b][-1]}
+                print(json.dumps({**line, "token_agreement": agree, "load": os.getloadavg()}))
+    medians = {b: statistics.median(v) for b, v in ratios.items()}
+    print(json.dumps({"ratios": ratios, "median_ratio": medians}))
 
 
 if __name__ == "__main__":
