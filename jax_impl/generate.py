@@ -118,7 +118,8 @@ def _decode(
     TRACES[(b, p, cache_len)] += 1  # runs only while tracing
     model = nnx.merge(graphdef, state)
     cache = KVCache.zeros(model.cfg, b, cache_len, model.eng.dtype)  # [L,B,S,K,H]
-    x, cache = model.hidden_states(prompt, cache=cache)  # [B,P,D]
+    layers = model.layer_states()  # sliced out of the stack once, not on every token
+    x, cache = model.hidden_states(prompt, cache=cache, layer_states=layers)  # [B,P,D]
     x = jax.lax.dynamic_index_in_dim(x, t0 - 1, axis=1)  # [B,1,D]: the last real token
     logits = model.logits(x)[:, 0]  # [B,V]; the head runs on that one position only
     cache = cache._replace(length=t0)  # the padded slots are written over from here
@@ -159,7 +160,7 @@ def _decode(
 
     def step(carry: tuple[Any, ...]) -> tuple[Any, ...]:
         i, tok, cache, done, out, window = carry
-        logits, cache = model(tok[:, None], cache=cache)  # [B,1,V], at position t0 + i - 1
+        logits, cache = model(tok[:, None], cache=cache, layer_states=layers)  # [B,1,V]
         tok, out, done, window = pick(logits[:, 0], i, out, done, window)
         return i + 1, tok, cache, done, out, window
 

@@ -20,7 +20,7 @@ are Params; QLoRA additionally holds the projection kernels as NF4 state.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import field
 from typing import Any, Literal, overload
 
@@ -450,6 +450,7 @@ class Model(nnx.Module):
         segment_ids: Array | None = None,
         dropout_key: Array | None = None,
         cache: None = None,
+        layer_states: Sequence[Any] | None = None,
     ) -> Array: ...
 
     @overload
@@ -462,6 +463,7 @@ class Model(nnx.Module):
         segment_ids: Array | None = None,
         dropout_key: Array | None = None,
         cache: KVCache,
+        layer_states: Sequence[Any] | None = None,
     ) -> tuple[Array, KVCache]: ...
 
     def __call__(
@@ -473,6 +475,7 @@ class Model(nnx.Module):
         segment_ids: Array | None = None,
         dropout_key: Array | None = None,
         cache: KVCache | None = None,
+        layer_states: Sequence[Any] | None = None,
     ) -> Array | tuple[Array, KVCache]:
         """Logits [B, T, V] (float32, or float64 in x64) for ids [B, T]; as ``model_forward``.
 
@@ -486,6 +489,7 @@ class Model(nnx.Module):
             segment_ids=segment_ids,
             dropout_key=dropout_key,
             cache=cache,
+            layer_states=layer_states,
         )  # [B,T,D]
         logits = self.logits(x)  # [B,T,D] -> [B,T,V]
         return logits if new_cache is None else (logits, new_cache)
@@ -499,6 +503,7 @@ class Model(nnx.Module):
         segment_ids: Array | None = None,
         dropout_key: Array | None = None,
         cache: KVCache | None = None,
+        layer_states: Sequence[Any] | None = None,
     ) -> tuple[Array, KVCache | None]:
         """The last block's output [B, T, D] (before the final norm and the head).
 
@@ -513,6 +518,8 @@ class Model(nnx.Module):
             projection ``module_keys`` of that.
           cache: keys and values of the earlier positions; the ids' own are written after
             them (at ``cache.length``) and ``length`` grows by T.
+          layer_states: with a cache, each layer's state as ``layer_states()`` gives it;
+            the decode loop takes them once, outside the loop (see below).
         Returns:
           [B, T, D] and the updated cache (None without one).
         """
@@ -539,7 +546,8 @@ class Model(nnx.Module):
         causal_only = plain and windows is None  # the fused attention paths take is_causal
         layers = None if cache is None else jnp.arange(cfg.n_layers, dtype=jnp.int32)  # [L]
 
-        # Scan over the stacked blocks: one block's program, traced and compiled once.
+        # Scan over the stacked blocks: one block's program, traced and compiled once (with a
+        # cache the blocks are unrolled instead, below).
         graphdef, stacked = nnx.split(self.layers)
         Carry = tuple[Array, KVCache | None]
 
@@ -556,12 +564,29 @@ class Model(nnx.Module):
                 return block(x, positions, m, inv_freq, key, causal_only=causal_only), None
             return block(x, positions, m, inv_freq, key, cache=cache, layer=layer), None
 
-        if eng.remat != "none" and cache is None:  # decoding keeps no activations to remat
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[eng.remat])
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, keys, windows, layers))
-        if cache is not None:
-            cache = cache._replace(length=cache.length + t)
-        return x, cache  # [B,T,D]
+        carry: Carry = (x, cache)
+        if cache is None:
+            if eng.remat != "none":
+                body = jax.checkpoint(body, policy=REMAT_POLICIES[eng.remat])
+            (x, _), _ = jax.lax.scan(body, carry, (stacked, keys, windows, layers))
+            return x, None  # [B,T,D]
+        # With a cache (decoding) the layers run one after the other on their own states. A
+        # scan over the stack would slice (copy) every weight of the model on each call: at
+        # one token per call, more than half of a decode step on a CPU. The decode loop takes
+        # the states out of the stack once (``layer_states``), before it starts.
+        states = self.layer_states() if layer_states is None else layer_states
+        for i, state in enumerate(states):
+            xs = jax.tree.map(lambda a, i=i: a[i], (keys, windows, layers))
+            carry, _ = body(carry, (state, *xs))
+        x, new_cache = carry
+        assert new_cache is not None
+        return x, new_cache._replace(length=new_cache.length + t)  # [B,T,D]
+
+    def layer_states(self) -> list[Any]:
+        """Each block's state (an ``nnx.State`` of layer i's rows of the stacked variables),
+        for ``hidden_states(..., layer_states=...)``."""
+        stacked = nnx.split(self.layers)[1]
+        return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.cfg.n_layers)]
 
     def embed_tokens(self, ids: Array, positions: Array) -> Array:
         """Token (and sinusoidal / learned position) embeddings: [B, T] -> [B, T, D]."""
