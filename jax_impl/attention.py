@@ -15,8 +15,8 @@ The output of attention (before ``o_proj``) is named ``ATTN_OUT`` with
 ``jax.ad_checkpoint.checkpoint_name``, so a rematerialisation policy can keep just it.
 
 Decoding keeps a ``KVCache``: the spec's ``past_kv`` grows by concatenation; here the keys and
-values of every layer live in one preallocated ``[L, B, S, K, H]`` buffer that each call
-writes at its current length, so the decode loop runs with fixed shapes.
+values of each layer live in preallocated ``[B, S, K, H]`` buffers that each call writes at
+its current length, so the decode loop runs with fixed shapes.
 """
 
 from __future__ import annotations
@@ -101,29 +101,37 @@ class KVCache(NamedTuple):
     same count in every row; the next call writes its T tokens at ``length .. length + T - 1``
     and ``Model`` then advances ``length`` by T. Slots at or past ``length`` hold stale or
     zero entries that the causal mask hides from every query before them.
+
+    Each layer has buffers of its own: a layer writes its new positions in place and attends
+    over its whole buffer. Slices of one ``[L, ...]`` stack, written and read in the same
+    step, made XLA copy the layer's slice and the whole stack on every decode step.
     """
 
-    k: Array  # [L,B,S,K,H] rotated keys
-    v: Array  # [L,B,S,K,H] values
+    k: tuple[Array, ...]  # L x [B,S,K,H] rotated keys
+    v: tuple[Array, ...]  # L x [B,S,K,H] values
     length: Array  # int32 []: positions filled
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any) -> KVCache:
         """An empty cache of ``size`` positions for ``batch`` rows of ``cfg``'s model."""
-        shape = (cfg.n_layers, batch, size, cfg.n_kv, cfg.hd)  # [L,B,S,K,H]
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+        shape = (batch, size, cfg.n_kv, cfg.hd)  # [B,S,K,H]
+        k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+        v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+        return cls(k, v, jnp.zeros((), jnp.int32))
 
-    def write(self, layer: Array | int, k: Array, v: Array) -> KVCache:
+    def write(self, layer: int, k: Array, v: Array) -> KVCache:
         """``k`` and ``v`` [B, T, K, H] of ``layer`` written at positions ``length ..``.
 
         One in-place ``dynamic_update_slice`` per buffer: a decode step writes T positions,
         never copies the cache.
         """
         zero = jnp.zeros((), jnp.int32)
-        at = (jnp.asarray(layer, jnp.int32), zero, self.length, zero, zero)
-        new_k = jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), at)
-        new_v = jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), at)
-        return self._replace(k=new_k, v=new_v)  # [L,B,S,K,H]
+        at = (zero, self.length, zero, zero)
+        new_k = jax.lax.dynamic_update_slice(self.k[layer], k.astype(self.k[layer].dtype), at)
+        new_v = jax.lax.dynamic_update_slice(self.v[layer], v.astype(self.v[layer].dtype), at)
+        ks, vs = list(self.k), list(self.v)
+        ks[layer], vs[layer] = new_k, new_v
+        return self._replace(k=tuple(ks), v=tuple(vs))
 
 
 def sdpa(
@@ -264,7 +272,7 @@ class Attention(nnx.Module):
         keys: dict[str, Array] | None = None,
         *,
         cache: KVCache | None = None,
-        layer: Array | int = 0,
+        layer: int = 0,
         causal_only: bool = False,
     ) -> tuple[Array, KVCache | None]:
         """Project, normalise heads (Qwen3), rotate (RoPE), attend, merge heads, project.
@@ -277,7 +285,7 @@ class Attention(nnx.Module):
           inv_freq: [H/2] RoPE frequencies, or None for models without RoPE.
           keys: projection name -> dropout key (training), or None.
           cache: the keys and values of earlier positions (the spec's ``past_kv``); this
-            call's are written at its ``length`` in row ``layer`` of its stacked buffers.
+            call's are written at its ``length`` in the buffers of layer ``layer``.
           causal_only: ``mask`` is the plain causal mask (see ``sdpa``).
         Returns:
           [B, T, D] and the cache with this layer's new keys and values (None without one).
@@ -301,7 +309,7 @@ class Attention(nnx.Module):
             k = rope(k, positions, inv_freq, self.rope_factor)  # [B,T,K,H]
         impl = self.impl
         if cache is not None:
-            cache = cache.write(layer, k, v)  # [L,B,S,K,H]: this call's T positions written
+            cache = cache.write(layer, k, v)  # [B,S,K,H] of the layer: T positions written
             k = cache.k[layer].astype(q.dtype)  # [B,S,K,H]
             v = cache.v[layer].astype(q.dtype)  # [B,S,K,H]
             impl = "xla" if impl == "cudnn" else impl  # cuDNN's flash kernel wants T == S

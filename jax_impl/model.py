@@ -299,7 +299,7 @@ class Block(nnx.Module):
         key: Array | None,
         *,
         cache: KVCache | None = None,
-        layer: Array | int = 0,
+        layer: int = 0,
         causal_only: bool = False,
     ) -> tuple[Array, KVCache | None]:
         """[B, T, D] -> [B, T, D], and the cache with this layer's keys and values written
@@ -532,7 +532,7 @@ class Model(nnx.Module):
         else:
             if segment_ids is not None:
                 raise ValueError("segment_ids: packed examples are for training, not a KVCache")
-            s, start = cache.k.shape[2], cache.length  # keys: the cache's S slots
+            s, start = cache.k[0].shape[1], cache.length  # keys: the cache's S slots
             if positions is None:
                 positions = start + jnp.broadcast_to(jnp.arange(t), (b, t))  # [B,T]
         mask = attention_mask(
@@ -544,7 +544,6 @@ class Model(nnx.Module):
         windows = layer_windows(cfg)  # [L] sliding windows, scanned with the layers, or None
         plain = cache is None and attention_mask_2d is None and segment_ids is None
         causal_only = plain and windows is None  # the fused attention paths take is_causal
-        layers = None if cache is None else jnp.arange(cfg.n_layers, dtype=jnp.int32)  # [L]
 
         # Scan over the stacked blocks: one block's program, traced and compiled once (with a
         # cache the blocks are unrolled instead, below).
@@ -552,7 +551,7 @@ class Model(nnx.Module):
         Carry = tuple[Array, KVCache | None]
 
         def body(
-            carry: Carry, xs: tuple[Any, Array | None, Array | None, Array | None]
+            carry: Carry, xs: tuple[Any, Array | None, Array | None, int | None]
         ) -> tuple[Carry, None]:
             x, cache = carry
             layer_state, key, window, layer = xs
@@ -568,7 +567,7 @@ class Model(nnx.Module):
         if cache is None:
             if eng.remat != "none":
                 body = jax.checkpoint(body, policy=REMAT_POLICIES[eng.remat])
-            (x, _), _ = jax.lax.scan(body, carry, (stacked, keys, windows, layers))
+            (x, _), _ = jax.lax.scan(body, carry, (stacked, keys, windows, None))
             return x, None  # [B,T,D]
         # With a cache (decoding) the layers run one after the other on their own states. A
         # scan over the stack would slice (copy) every weight of the model on each call: at
@@ -576,8 +575,8 @@ class Model(nnx.Module):
         # the states out of the stack once (``layer_states``), before it starts.
         states = self.layer_states() if layer_states is None else layer_states
         for i, state in enumerate(states):
-            xs = jax.tree.map(lambda a, i=i: a[i], (keys, windows, layers))
-            carry, _ = body(carry, (state, *xs))
+            key, window = jax.tree.map(lambda a, i=i: a[i], (keys, windows))
+            carry, _ = body(carry, (state, key, window, i))
         x, new_cache = carry
         assert new_cache is not None
         return x, new_cache._replace(length=new_cache.length + t)  # [B,T,D]

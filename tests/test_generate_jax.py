@@ -267,7 +267,9 @@ def test_cached_step_equals_full_forward(
     np.testing.assert_allclose(full, want[:, -1], rtol=1e-10, atol=1e-12)  # and the spec's
 
     def corrupt(layer: int, slot: int) -> KVCache:
-        return cache._replace(k=cache.k.at[layer, :, slot].add(1.0))
+        ks = list(cache.k)
+        ks[layer] = ks[layer].at[:, slot].add(1.0)  # [B,S,K,H]
+        return cache._replace(k=tuple(ks))
 
     windowed = [i for i in range(cfg.n_layers) if cfg.layer_window(i) is not None]
     for i in windowed:  # slot 5 is 3 back from position 8: outside a window of 3
