@@ -100,14 +100,16 @@ class Entry:
 
 def scan(model_dir: Path) -> dict[str, Entry]:
     """``{tensor name: Entry}`` of every tensor of a single-file or sharded checkpoint, from
-    the file headers. Raises CheckpointError naming the file for a tensor the index lists but
-    its file lacks, or an unreadable file."""
+    the file headers, each file checked first (``hf.verify_file``: its header, and its tensors
+    against the checksums it records). Raises CheckpointError naming the file (and tensor) for
+    a tensor the index lists but its file lacks, a damaged or unreadable file."""
     files = hf.weight_files(model_dir)
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
     out: dict[str, Entry] = {}
     for file, names in by_file.items():
+        hf.verify_file(file)
         with hf.open_safetensors(file) as f:
             present = set(f.keys())
             for name in names:

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from ..config import ModelConfig
 from ..lora import projections
@@ -52,7 +51,7 @@ from ..nf4 import (
     NF4Tensor,
     quantize_kernel,
 )
-from . import files, hf
+from . import files, hf, tensorfile
 from .hf import CheckpointError, HFTensor, Params
 
 ComputeDtype = Literal["float32", "float16", "bfloat16"]
@@ -355,7 +354,7 @@ def _write_nf4(
         "torch_dtype": np.dtype(dtype).name,  # as hf.save_model; transformers 5 reads it too
         "quantization_config": quantization_config(double_quant, compute_dtype),
     }
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tensorfile.save(state, tmp / "model.safetensors", metadata={"format": "pt"})
     files.write_json(tmp / "config.json", config)
 
 

@@ -35,10 +35,10 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, so safetensors can read it)
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from ..config import ROPE_FIELDS, ModelConfig, RopeScaling, attn_shapes, has_bias, mlp_shapes
 from ..nf4 import DEFAULT_BLOCKSIZE, NF4Tensor, quantize_kernel
+from . import tensorfile
 from .files import atomic_dir, write_json
 
 Params = dict[str, Any]
@@ -482,18 +482,33 @@ def check_tensor_names(model_dir: Path, expected: Iterable[str], present: Iterab
 @contextlib.contextmanager
 def open_safetensors(path: Path) -> Iterator[Any]:
     """``safe_open(path)`` (NumPy arrays), with a CheckpointError naming the file when it is
-    missing or unreadable."""
+    missing or unreadable, and the tensor where its header is at fault
+    (``tensorfile.check_header``: truncated, offsets or dtypes that lie)."""
     try:
         with safe_open(str(path), framework="numpy") as f:
             yield f
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file (named by the checkpoint index)") from None
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        raise unreadable(path, e) from None
+
+
+def unreadable(path: Path, e: Exception, name: str | None = None) -> CheckpointError:
+    """The CheckpointError for a safetensors file the library refused with ``e``: what
+    ``tensorfile.check_header`` finds wrong, naming the tensor, else the library's reason
+    (with the tensor ``name`` being read, where given)."""
+    try:
+        tensorfile.check_header(path)
+    except (tensorfile.TensorFileError, OSError) as found:
+        return CheckpointError(str(found))
+    what = "not a readable safetensors file" if name is None else f"tensor {name!r} cannot be read"
+    return CheckpointError(f"{path}: {what} ({e})")
 
 
 def iter_tensors(files: dict[str, Path]) -> Iterator[tuple[str, np.ndarray]]:
-    """``(name, array)`` for every tensor, file by file, each tensor read alone.
+    """``(name, array)`` for every tensor, file by file, each tensor read alone and checked
+    against the checksum the file records for it (``tensorfile``; files written elsewhere
+    carry none).
 
     The file is opened around each read only: the pages of a memory-mapped file stay resident
     while it is open, so reading every tensor through one open file would hold the whole file
@@ -505,6 +520,7 @@ def iter_tensors(files: dict[str, Path]) -> Iterator[tuple[str, np.ndarray]]:
     for file, names in by_file.items():
         with open_safetensors(file) as f:
             present = set(f.keys())
+            sums = checksums(f, file)
         for name in names:
             if name not in present:
                 raise CheckpointError(f"{file}: tensor {name!r} listed in the index is absent")
@@ -512,9 +528,38 @@ def iter_tensors(files: dict[str, Path]) -> Iterator[tuple[str, np.ndarray]]:
                 try:
                     array = f.get_tensor(name)
                 except (SafetensorError, OSError) as e:
-                    raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({e})") from None
+                    raise unreadable(file, e, name) from None
+            check_array(file, name, array, sums.get(name))
             yield name, array
             del array
+
+
+def checksums(f: Any, path: Path) -> dict[str, Any]:
+    """The per-tensor checksums an open safetensors file records (``tensorfile``)."""
+    try:
+        return tensorfile.checksums(f.metadata(), path)
+    except tensorfile.TensorFileError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def verify_file(path: Path) -> None:
+    """``tensorfile.verify`` as a CheckpointError: the header checked, and every tensor's
+    bytes against the checksums the file records (one streamed read of a file that has them),
+    for readers that take a tensor in pieces and never hold it whole."""
+    try:
+        tensorfile.verify(path)
+    except tensorfile.TensorFileError as e:
+        raise CheckpointError(str(e)) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file (named by the checkpoint index)") from None
+
+
+def check_array(path: Path, name: str, array: np.ndarray, recorded: Any) -> None:
+    """``tensorfile.check_array`` as a CheckpointError."""
+    try:
+        tensorfile.check_array(path, name, array, recorded)
+    except tensorfile.TensorFileError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def set_leaf(tree: Params, path: tuple[Any, ...], value: Any) -> None:
@@ -618,7 +663,7 @@ def save_model(
     ``tokenizer_from``) so transformers loads the model. Atomic: see ``atomic_dir``."""
     with atomic_dir(out_dir, overwrite) as tmp:
         state = hf_state(params, cfg, dtype)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tensorfile.save(state, tmp / "model.safetensors", metadata={"format": "pt"})
         name = np.dtype(dtype).name  # "dtype" for transformers 5, "torch_dtype" for 4
         write_json(tmp / "config.json", {**config_to_hf(cfg), "dtype": name, "torch_dtype": name})
         if tokenizer_from is not None:

@@ -43,11 +43,11 @@ from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from ..config import LoraConfig, ModelConfig, attn_shapes, mlp_shapes
 from ..lora import join_lora, merge_lora, projections, selects
-from .files import atomic_dir, write_json
+from . import hf, tensorfile
+from .files import atomic_dir, check_output_dir, write_json
 from .hf import CheckpointError, load_model, module_name, save_model
 
 Params = dict[str, Any]
@@ -309,7 +309,7 @@ def save_adapter(
     paths = [p for p in projection_shapes(cfg) if tensor_name(cfg, p, "lora_A") in state]
     config = adapter_config(cfg, lora, paths, base_model_name_or_path)
     with atomic_dir(out_dir, overwrite) as tmp:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        tensorfile.save(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, config)
     return Path(out_dir)
 
@@ -434,12 +434,19 @@ def _weights_path(adapter_dir: Path) -> Path:
 
 
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a (small) safetensors file."""
+    """Every tensor of a (small) safetensors file, each checked against the checksum the file
+    records for it (``tensorfile``; PEFT's files carry none)."""
     try:
         with safe_open(str(path), framework="numpy") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
+            sums = tensorfile.checksums(f.metadata(), path)
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        for name, array in tensors.items():
+            tensorfile.check_array(path, name, array, sums.get(name))
+        return tensors
+    except tensorfile.TensorFileError as e:
+        raise AdapterError(str(e)) from None
     except (SafetensorError, OSError) as e:
-        raise AdapterError(f"{path}: not a readable safetensors file ({e})") from None
+        raise AdapterError(str(hf.unreadable(path, e))) from None
 
 
 def _parse_name(
@@ -564,10 +571,12 @@ def merge_adapter(
 
     The merge is computed in float64 and written in ``dtype``. ``out_dir`` may be neither
     ``model_dir`` nor ``adapter_dir``. Raises FileExistsError for an existing ``out_dir``
-    without ``overwrite`` (before anything is read), CheckpointError / AdapterError for an
+    without ``overwrite`` and NotADirectoryError for one that is a file (before anything is
+    read), CheckpointError / AdapterError for an
     unreadable base or adapter. Atomic: nothing is written on failure.
     """
     out = Path(out_dir)
+    check_output_dir(out)
     for name, src in (("model_dir", model_dir), ("adapter_dir", adapter_dir)):
         if out.resolve() == Path(src).resolve():
             raise ValueError(f"out_dir: {out} is the {name}; write the merged model elsewhere")

@@ -433,8 +433,8 @@ def test_bad_checkpoints_are_named(tmp_path: Path) -> None:
     save_file(state, weights)
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])  # truncated
-    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors"):
-        load_model(tmp_path)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor '.+' ends at .+ trunc"):
+        load_model(tmp_path)  # the first tensor the file lacks bytes of
     weights.write_bytes(data)
     raw = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**raw, "model_type": "bert"}))
