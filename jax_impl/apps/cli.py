@@ -3,7 +3,8 @@
 Every command that writes a directory writes it atomically: a temporary directory beside
 ``--out`` becomes ``--out`` only when everything is written, and an existing ``--out`` is
 replaced only with ``--overwrite``. Errors in the input end the command with status 2 and
-one line that names the file, tensor or field.
+one line that names the file, tensor or field; a file that cannot be written (a full or
+read-only disk) with status 1 and one line naming it and the cause.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from ref_numpy.formats.files import Locked, describe
 from ref_numpy.nf4 import BLOCKSIZES, DEFAULT_BLOCKSIZE, nf4_bits_per_param
 
 from .hugepages import reexec_with_huge_pages
@@ -589,13 +591,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {out}")
         elif args.command == "train":
             from ..train.trainer import TrainingDiverged
-            from .train import run
+            from .train import Stopped, run
 
             try:
                 summary = run(train_config(args))
             except TrainingDiverged as e:
                 print(f"qlora-spec train: {e}", file=sys.stderr)
                 return 3
+            except Stopped as e:  # SIGINT / SIGTERM, after a checkpoint: 130 / 143
+                print(f"qlora-spec train: {e}", file=sys.stderr)
+                return 128 + e.signum
             import jax
 
             if jax.process_index() == 0:  # once per run, also of several processes
@@ -619,9 +624,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             parser.print_help()
             return 0
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"qlora-spec {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, Locked) as e:
+        message = describe(e) if isinstance(e, OSError) else str(e)
+        print(f"qlora-spec {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file that cannot be written or read: a full or read-only disk
+        print(f"qlora-spec {args.command}: error: {describe(e)}", file=sys.stderr)
+        return 1
     return 0
 
 

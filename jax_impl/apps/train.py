@@ -15,7 +15,9 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import field
@@ -38,6 +40,7 @@ from ref_numpy.config import (
     projection_paths,
 )
 from ref_numpy.formats import bnb, files, hf
+from ref_numpy.formats.files import fault_point
 from ref_numpy.lora import selected_paths
 from ref_numpy.nf4 import nf4_bits_per_param
 
@@ -426,12 +429,25 @@ class Progress:
         self.bar.close()
 
 
+@contextlib.contextmanager
+def appending(path: Path) -> Iterator[IO[str]]:
+    """``path`` open for appending; an error closing it (the last lines not written, on a
+    full disk) names it."""
+    f = path.open("a")
+    try:
+        yield f
+    finally:
+        with files.naming(path):
+            f.close()
+
+
 def log_metrics(log: IO[str]) -> Any:
     """A hook that appends each step's metrics to ``log`` as a JSON line, flushed."""
 
     def hook(trainer: Trainer, batch: dict[str, Any], m: dict[str, Any]) -> None:
-        log.write(json.dumps(m) + "\n")
-        log.flush()
+        with files.naming(getattr(log, "name", "metrics.jsonl")):  # a full disk names the log
+            log.write(json.dumps(m) + "\n")
+            log.flush()
 
     return hook
 
@@ -446,6 +462,60 @@ def every(interval: int, action: Any) -> Any:
     return hook
 
 
+class Stopped(Exception):
+    """The run stopped on SIGINT or SIGTERM at a step boundary, its state checkpointed.
+
+    ``signum`` is the signal; ``128 + signum`` is the conventional exit status."""
+
+    def __init__(self, signum: int, step: int, work: Path) -> None:
+        self.signum, self.step = signum, step
+        where = (
+            f"its checkpoint is in {work} (rerun with --resume to continue)"
+            if step
+            else "before the first step"
+        )
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; {where}")
+
+
+class StopRequests:
+    """SIGINT and SIGTERM ask the run to stop at the next step boundary, once a checkpoint of
+    that step is written; the first one also restores the default action of both, so a
+    second one ends the process at once (losing only the step under way and a checkpoint not
+    yet complete; the previous checkpoint stays whole). Installed only from the main thread."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        for s in self.previous:
+            signal.signal(s, signal.SIG_DFL)
+        print(
+            f"qlora-spec train: {signal.Signals(signum).name}: stopping after this step, once its "
+            "checkpoint is written (send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def asked(self) -> int | None:
+        """The signal that asked to stop, or None; the same answer on every process of a run
+        (a collective there)."""
+        if jax.process_count() > 1 and process_sum(int(self.signum is not None)):
+            return self.signum or signal.SIGTERM
+        return self.signum
+
+
 # --- the train command --------------------------------------------------------------------
 
 
@@ -456,11 +526,26 @@ def run(tc: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
     In a multi-process run (``tc.distributed``) every process calls ``run`` with the same
     config: each reads its rows of every batch, all of them write the training-state
-    checkpoints together, and process 0 alone writes the metrics log and ``tc.out``."""
+    checkpoints together, and process 0 alone writes the metrics log and ``tc.out``.
+
+    Process 0 holds the lock file ``.<out>.lock`` beside ``tc.out`` meanwhile: a second run
+    for the same ``tc.out`` raises ``files.Locked`` naming it and the holder's pid. SIGINT or
+    SIGTERM stops the run at the next step boundary with a checkpoint of that step, raising
+    Stopped (``StopRequests``). A file that cannot be written (a full or read-only disk) is an
+    OSError naming it; the checkpoints written before it stay whole."""
     initialize_distributed(tc.distributed)  # before anything touches a device
     x64 = "float64" in (tc.engine.dtype, tc.engine.param_dtype)
-    with jax.enable_x64(True) if x64 else contextlib.nullcontext():
-        return _run(tc, progress)
+    out = Path(tc.out)
+    files.check_output_dir(out)
+    lock = out.parent / f".{out.name}.lock"  # one run per --out (and so per work directory)
+    with (
+        files.exclusive(lock, f"a qlora-spec train writing {out}")
+        if jax.process_index() == 0
+        else contextlib.nullcontext(),
+        jax.enable_x64(True) if x64 else contextlib.nullcontext(),
+        StopRequests() as stop,
+    ):
+        return _run(tc, progress, stop)
 
 
 def _barrier(name: str) -> None:
@@ -471,9 +556,18 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _run(tc: TrainConfig, progress: bool) -> dict[str, Any]:
+def _run(tc: TrainConfig, progress: bool, stop: StopRequests) -> dict[str, Any]:
     out, work = Path(tc.out), tc.work_dir()
     lead = jax.process_index() == 0  # the process that writes files other than checkpoints
+    if lead:  # what runs killed mid-write left (this process holds the lock)
+        files.remove_stale(out)
+        files.remove_stale(work)
+    if tc.resume and exported_from(work, out):  # it had written --out when it was stopped
+        _barrier("qlora-spec train: written before")  # every process has looked
+        if lead:
+            files.remove_tree(work)
+            _note(f"--resume: {out} was written before the run stopped; {work} removed")
+        return dict(json.loads((out / "summary.json").read_text()))
     if out.exists() and not tc.overwrite:
         raise FileExistsError(f"{out}: exists (pass --overwrite to replace it)")
     restart = work.exists() and not tc.resume
@@ -501,7 +595,7 @@ def _run(tc: TrainConfig, progress: bool) -> dict[str, Any]:
     dc = tc.data_config
     _barrier("qlora-spec train: checked")  # every process has looked before anything changes
     if restart and lead:
-        shutil.rmtree(work)
+        files.remove_tree(work)
     _barrier("qlora-spec train: work directory cleared")
     resuming = tc.resume and any(p.name.isdigit() for p in _entries(work / "state"))
     record = run_record(tc)
@@ -537,31 +631,50 @@ def _run(tc: TrainConfig, progress: bool) -> dict[str, Any]:
     last: dict[str, Any] = {}
     work.mkdir(parents=True, exist_ok=True)
     ckpts = TrainCheckpoints(work / "state")
+    restored = None
+    say = _note if lead else _quiet
     if resuming:
-        trainer.params, trainer.opt_state, meta = ckpts.restore(trainer.params, trainer.opt_state)
+        restored = ckpts.restore_intact(trainer.params, trainer.opt_state, say)
+        if restored is None:
+            say(f"--resume: no intact checkpoint in {work / 'state'}; starting again from step 0")
+    if restored is not None:
+        trainer.params, trainer.opt_state, meta = restored
         trainer.step_count = int(meta["step"])
+        say(f"--resume: continuing from the checkpoint of step {trainer.step_count}")
         if lead:  # the log's lines up to the checkpoint; later steps will be computed again
-            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-            kept = [x for x in lines if json.loads(x)["step"] <= trainer.step_count]
-            metrics_path.write_text("".join(x + "\n" for x in kept))
-            last = json.loads(kept[-1]) if kept else {}
-    elif lead:  # the record a later --resume is checked against
-        metrics_path.write_text("")
-        for name, value in record.items():
-            files.write_json(work / name, value)
+            last = keep_metrics(metrics_path, trainer.step_count)
+    elif lead:
+        files.write_text(metrics_path, "")
+        if not resuming:  # the record a later --resume is checked against
+            for name, value in record.items():
+                files.write_json(work / name, value)
 
     def held_loss(trainer: Trainer, m: dict[str, Any]) -> None:
         m.update(held_out(trainer, held, dc, buckets, pad_id, mesh, held_ref))
 
+    def due(step: int) -> bool:
+        return step % tc.checkpoint_interval == 0 or step == total
+
     def checkpoint(trainer: Trainer, m: dict[str, Any]) -> None:
-        if m["step"] % tc.checkpoint_interval == 0 or m["step"] == total:
+        ckpts.poll()  # the checksums of a save finished in the background
+        if due(m["step"]):
             ckpts.save(m["step"], trainer.params, trainer.opt_state, {"step": m["step"]})
+
+    def stop_if_asked(trainer: Trainer, m: dict[str, Any]) -> None:
+        signum = stop.asked()
+        if signum is not None:
+            if not due(m["step"]):
+                ckpts.save(m["step"], trainer.params, trainer.opt_state, {"step": m["step"]})
+            raise Stopped(signum, m["step"], work)
 
     bar = Progress(total, trainer.step_count, progress and lead)
     with (
-        metrics_path.open("a") if lead else contextlib.nullcontext() as log,
-        ckpts,  # closing waits for the saves under way
+        appending(metrics_path) if lead else contextlib.nullcontext() as log,
+        ckpts,  # closing waits for the saves under way, and writes their checksums
     ):
+        signum = stop.asked()
+        if signum is not None:  # asked while loading: nothing new to save
+            raise Stopped(signum, trainer.step_count, work)
         try:
             history = fit(
                 trainer,
@@ -582,6 +695,7 @@ def _run(tc: TrainConfig, progress: bool) -> dict[str, Any]:
                     *([log_metrics(log)] if log is not None else []),
                     bar,
                     every(1, checkpoint),
+                    every(1, stop_if_asked),
                 ],
             )
         except TrainingDiverged as e:
@@ -601,13 +715,56 @@ def _run(tc: TrainConfig, progress: bool) -> dict[str, Any]:
             else:
                 save_adapter(final, tmp / "adapter", base_model=tc.model)
                 move_into(tmp / "adapter", tmp)
+            fault_point("export")
             shutil.copy2(metrics_path, tmp / "metrics.jsonl")
             shutil.copy2(work / "train_config.json", tmp / "train_config.json")  # first start's
             files.write_json(tmp / "summary.json", summary)
             plot_loss(tmp / "metrics.jsonl", tmp / "loss.png")
-        shutil.rmtree(work)
+        fault_point("cleanup")
+        files.remove_tree(work)
     _barrier("qlora-spec train: written")
     return summary
+
+
+def _note(message: str) -> None:
+    """A line about the run on stderr (``qlora-spec train: ...``)."""
+    print(f"qlora-spec train: {message}", file=sys.stderr, flush=True)
+
+
+def _quiet(message: str) -> None:
+    """Where only process 0 speaks."""
+
+
+def keep_metrics(path: Path, step: int) -> dict[str, Any]:
+    """Rewrite the log ``path`` (whole or not at all) with its lines up to ``step``; returns
+    the last one kept (empty if none). A last line cut short by a kill is dropped; another
+    line that is not JSON is a ValueError naming its line."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
+        if row["step"] <= step:
+            kept.append(line)
+    files.write_text(path, "".join(x + "\n" for x in kept))
+    return dict(json.loads(kept[-1])) if kept else {}
+
+
+def exported_from(work: Path, out: Path) -> bool:
+    """Whether ``out`` is the output of the unfinished run in ``work``: a run stopped after
+    writing ``out`` and before removing ``work``. Their ``train_config.json`` and
+    ``metrics.jsonl`` (with its wall-clock rates, unique to one run) are the same bytes."""
+    try:
+        return all(
+            (out / name).read_bytes() == (work / name).read_bytes()
+            for name in ("train_config.json", "metrics.jsonl")
+        )
+    except OSError:
+        return False
 
 
 def _entries(path: Path) -> list[Path]:

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ref_numpy.formats.files import fault_point
 from ref_numpy.preference import LossType, check_preference_args
 
 from ..layers import chunked_cross_entropy, cross_entropy
@@ -345,6 +346,7 @@ class Trainer:
         step: Array,
         ref: Any = None,
     ) -> tuple[Any, Any, dict[str, Array]]:
+        fault_point("compile")  # runs while jit traces the step, not when it executes
         key = jax.random.fold_in(jax.random.key(self.dropout_seed), step)  # dropout per step
 
         def micro(carry: tuple[Any, Array, Array, Any], xs: tuple[Batch, Array]) -> Any:
@@ -555,7 +557,9 @@ def fit(
     if steps is not None and trainer.step_count >= steps:
         return history
     for batch in batches:
-        metrics: dict[str, Any] = {k: float(v) for k, v in trainer.step(batch).items()}
+        out = trainer.step(batch)  # dispatched; computing while its results are awaited
+        fault_point("step")
+        metrics: dict[str, Any] = {k: float(v) for k, v in out.items()}
         metrics["step"] = trainer.step_count
         if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
             raise TrainingDiverged(
