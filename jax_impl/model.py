@@ -20,6 +20,7 @@ are Params; QLoRA additionally holds the projection kernels as NF4 state.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import field
 from typing import Any, Literal, overload
@@ -75,6 +76,29 @@ ComputeDType = Literal["auto", "float32", "bfloat16", "float64"]
 
 # Accelerators where "auto" computes in bfloat16 (their matrix units are built for it).
 BF16_BACKENDS = ("gpu", "tpu")
+# x86 CPU flags (as /proc/cpuinfo names them) of matrix units that multiply bf16 in hardware:
+# AMX tiles and the AVX512-BF16 dot products, the units XLA's CPU dots reach for bf16.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+# "0" or "1" overrides what cpu_bf16_units() reads from the CPU; the test suite sets "0", so
+# its float32 expectations of dtype="auto" hold on every machine.
+CPU_BF16_ENV = "QLORA_SPEC_CPU_BF16"
+
+
+def cpu_bf16_units(path: str = "/proc/cpuinfo") -> bool:
+    """Whether this machine's CPU multiplies bf16 in hardware (one of ``BF16_CPU_FLAGS`` among
+    the flags ``path`` lists); False where the file cannot be read (not Linux). The
+    environment variable ``QLORA_SPEC_CPU_BF16`` set to ``0`` or ``1`` decides instead."""
+    env = os.environ.get(CPU_BF16_ENV)
+    if env in ("0", "1"):
+        return env == "1"
+    try:
+        with open(path) as f:
+            words = set(f.read().split())
+    except OSError:
+        return False
+    return any(flag in words for flag in BF16_CPU_FLAGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +124,9 @@ class EngineConfig:
     dtype: ComputeDType = field(
         default="auto",
         metadata={
-            "help": "compute dtype of matmuls and activations (auto: bfloat16 on GPU and TPU, "
-            "float32 on CPU); frozen base weights are stored in it when it is narrower than "
+            "help": "compute dtype of matmuls and activations (auto: bfloat16 on GPU and TPU "
+            "and on CPUs with bf16 matrix units, AMX or AVX512-BF16; float32 on other CPUs); "
+            "frozen base weights are stored in it when it is narrower than "
             "--param-dtype; float64 runs JAX in x64"
         },
     )
@@ -149,11 +174,16 @@ class EngineConfig:
         if isinstance(self.loss_chunk, bool) or not self.loss_chunk >= 0:
             raise ValueError(f"EngineConfig.loss_chunk: expected >= 0, got {self.loss_chunk!r}")
 
-    def resolve(self, cfg: ModelConfig, backend: str | None = None) -> EngineConfig:
+    def resolve(
+        self, cfg: ModelConfig, backend: str | None = None, cpu_bf16: bool | None = None
+    ) -> EngineConfig:
         """This config with ``dtype`` and ``attention`` made concrete for ``cfg`` on
-        ``backend`` (default: JAX's default backend, ``"cpu"``, ``"gpu"`` or ``"tpu"``).
+        ``backend`` (default: JAX's default backend, ``"cpu"``, ``"gpu"`` or ``"tpu"``);
+        ``cpu_bf16`` says whether the CPU has bf16 matrix units (default: ``cpu_bf16_units()``).
 
-        ``dtype="auto"`` becomes bfloat16 on GPU and TPU, float32 elsewhere.
+        ``dtype="auto"`` becomes bfloat16 on GPU and TPU and on a CPU with bf16 matrix units
+        (AMX or AVX512-BF16: on a Xeon with AMX a LoRA step of ``bench/cpu_train.py``'s
+        default shape takes 0.54x the CPU time of the float32 one), float32 elsewhere.
         ``attention="auto"`` becomes ``"cudnn"`` on a GPU with bfloat16 compute and a head dim
         cuDNN's flash kernel takes on every supported GPU (a multiple of 8, at most 128), and
         ``"einsum"`` otherwise. An explicit ``"cudnn"`` off a GPU, or without bfloat16
@@ -162,7 +192,10 @@ class EngineConfig:
         backend = jax.default_backend() if backend is None else backend
         dtype = self.dtype
         if dtype == "auto":
-            dtype = "bfloat16" if backend in BF16_BACKENDS else "float32"
+            if backend == "cpu" and cpu_bf16 is None:
+                cpu_bf16 = cpu_bf16_units()
+            bf16 = backend in BF16_BACKENDS or (backend == "cpu" and bool(cpu_bf16))
+            dtype = "bfloat16" if bf16 else "float32"
         attention = self.attention
         if attention == "cudnn" and backend != "gpu":
             raise ValueError(

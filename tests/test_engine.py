@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -15,7 +16,15 @@ import pytest
 from flax import nnx
 
 from jax_impl.attention import attention_mask, sdpa
-from jax_impl.model import EngineConfig, Model, Remat, from_spec, lora_targets
+from jax_impl.model import (
+    CPU_BF16_ENV,
+    EngineConfig,
+    Model,
+    Remat,
+    cpu_bf16_units,
+    from_spec,
+    lora_targets,
+)
 from jax_impl.train.trainer import (
     OptimConfig,
     Trainer,
@@ -240,15 +249,42 @@ def test_auto_resolves_to_float32_einsum_on_cpu() -> None:
         ("tpu", "auto", WIDE, ("bfloat16", "einsum")),
         ("cpu", "auto", WIDE, ("float32", "einsum")),
         ("cpu", "bfloat16", WIDE, ("bfloat16", "einsum")),
+        ("cpu+bf16", "auto", WIDE, ("bfloat16", "einsum")),  # AMX or AVX512-BF16
+        ("cpu+bf16", "float32", WIDE, ("float32", "einsum")),
     ],
 )
 def test_auto_choices(backend: str, dtype: str, cfg: ModelConfig, want: tuple[str, str]) -> None:
-    eng = EngineConfig(dtype=dtype).resolve(cfg, backend)  # type: ignore[arg-type]
+    backend, _, units = backend.partition("+")
+    cpu_bf16 = units == "bf16"
+    eng = EngineConfig(dtype=dtype).resolve(cfg, backend, cpu_bf16)  # type: ignore[arg-type]
     assert (eng.dtype, eng.attention) == want
-    assert eng.resolve(cfg, backend) == eng  # resolving again changes nothing
+    assert eng.resolve(cfg, backend, cpu_bf16) == eng  # resolving again changes nothing
     for explicit in ("xla", "einsum"):  # an explicit path is kept
-        got = EngineConfig(dtype=dtype, attention=explicit).resolve(cfg, backend)  # type: ignore[arg-type]
+        got = EngineConfig(dtype=dtype, attention=explicit).resolve(cfg, backend, cpu_bf16)  # type: ignore[arg-type]
         assert got.attention == explicit
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "want"),
+    [
+        ("fpu avx512f avx512_bf16 amx_tile", None, True),  # AVX512-BF16 (AMD Zen 4)
+        ("fpu avx512f amx_bf16 amx_tile", None, True),  # AMX
+        ("fpu avx512f avx512_vnni", None, False),
+        ("fpu avx512f avx512_bf16", "0", False),
+        ("fpu avx2", "1", True),
+    ],
+)
+def test_cpu_bf16_units_read_the_cpu_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: str, env: str | None, want: bool
+) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.delenv(CPU_BF16_ENV)
+    if env is not None:
+        monkeypatch.setenv(CPU_BF16_ENV, env)
+    assert cpu_bf16_units(str(cpuinfo)) is want
+    if env is None:
+        assert cpu_bf16_units(str(tmp_path / "missing")) is False
 
 
 def test_explicit_cudnn_needs_a_gpu_and_bfloat16() -> None:
