@@ -48,16 +48,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # this checkout
 
 from bench.common import TARGETS, engine_config, peer_model  # noqa: E402
+from jax_impl.apps.plan import MODEL_SIZES  # noqa: E402
 
 RANK, ALPHA = 16, 32.0
+# The shapes are qlora-spec plan's named sizes; each with its batch, and the remat policies and
+# optimizer placement it runs by default.
+RUNS: dict[str, dict[str, Any]] = {
+    "tiny": dict(B=2, T=128, remat=("none",), offload=False),
+    "1b": dict(B=4, T=2048, remat=("none", "full"), offload=False),
+    "8b": dict(B=2, T=2048, remat=("full",), offload=True),
+}
 SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(V=512, D=128, F=352, L=2, N=4, K=2, B=2, T=128, remat=("none",), offload=False),
-    "1b": dict(
-        V=32000, D=2048, F=5632, L=22, N=32, K=4, B=4, T=2048, remat=("none", "full"), offload=False
-    ),
-    "8b": dict(
-        V=128256, D=4096, F=14336, L=32, N=32, K=8, B=2, T=2048, remat=("full",), offload=True
-    ),
+    name: {**{k: v for k, v in MODEL_SIZES[name].items() if k != "theta"}, **run}
+    for name, run in RUNS.items()
 }
 RUN_KEYS = ("remat", "offload")  # per-shape run settings, not part of the shape
 

@@ -74,3 +74,42 @@ def test_tiny_shape_runs_on_cpu_with_remat_and_offload() -> None:
     assert run["tokens_per_s"] == pytest.approx(tokens / run["s_per_step"])
     flops = run["tokens_per_s"] * model_flops_per_token(SHAPES["tiny"]) / 1e12
     assert run["model_tflops_per_s"] == pytest.approx(flops)
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_end_to_end_at_the_tiny_size(tmp_path: Path) -> None:
+    """``bench/gpu_check.sh`` at ``--model-size tiny``: every step of the GPU command runs on
+    this machine and lands in one JSON file, the plan's prediction beside every engine run."""
+    out = tmp_path / "check"
+    cmd = ["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out), "--model-size", "tiny"]
+    cmd += ["--steps", "1", "--no-peer", "--budget", "100000"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["skipped"] == []
+    assert report["card"]["backend"] == jax.default_backend()
+    tests = report["gpu_tests"]
+    assert tests["exit_status"] == 0 and tests["tests"], tests
+    if jax.default_backend() != "gpu":  # the cuDNN tests say why they did not run
+        assert tests["tests"]["test_cudnn_attention_matches_einsum_in_bfloat16"] == "skipped"
+    runs = [r for r in report["train"] if r.get("side") == "engine"]
+    assert sorted((r["method"], r["remat"]) for r in runs) == [
+        ("lora", "full"),
+        ("lora", "none"),
+        ("qlora", "full"),
+        ("qlora", "none"),
+    ]
+    (big,) = [r for r in report["train_big"] if r.get("side") == "engine"]
+    assert (big["method"], big["remat"], big["offload_optimizer"]) == ("qlora", "full", True)
+    plans = report["plan_vs_measured"]
+    assert len(plans) == 5
+    for entry, run in zip(plans, [*runs, big], strict=True):
+        assert (entry["method"], entry["remat"]) == (run["method"], run["remat"])
+        plan = entry["plan"]
+        assert plan["peak"] > 0 and plan["formula_peak"] > 0, entry
+        assert plan["engine"]["dtype"] == run["dtype"]  # the plan resolved what the run ran
+        if run["peak_bytes"] is None:  # a CPU reports no device peak
+            assert "plan_over_measured" not in entry
+        else:
+            assert entry["plan_over_measured"] == plan["peak"] / run["peak_bytes"]
+    assert (out / "gpu_check.log").read_text().rstrip().endswith(f"wrote {out / 'gpu_check.json'}")

@@ -155,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="qlora quantizes the base to NF4 as it loads",
     )
 
+    from .plan import PlanConfig
+
+    plan = sub.add_parser(
+        "plan",
+        help="the device memory a training step needs, term by term, and whether it fits "
+        "(--device-memory 24GiB), for a model directory or a named shape",
+    )
+    add_flags(plan, PlanConfig)
+
     mem = sub.add_parser(
         "memory", help="bits per base parameter for 16-bit, NF4 and NF4 + double quantization"
     )
@@ -417,6 +426,19 @@ def build(cls: Any, values: dict[tuple[str, ...], Any], command: str) -> Any:
     return cls(**kwargs)
 
 
+def refuse_lora_flags_with_full(values: dict[tuple[str, ...], Any], cls: Any, command: str) -> None:
+    """A LoRA flag (``--rank`` ...) given with ``--method full`` is an error: it would change
+    nothing."""
+    if values.get(("method",)) == "full":
+        for leaf in leaves(cls):
+            if leaf.path[0] == "lora" and leaf.path in values:
+                raise ValueError(
+                    f"{command}: {leaf.flag} sets the LoRA adapters, and --method full trains "
+                    f"every weight without them; leave out {leaf.flag} or use --method lora / "
+                    "qlora"
+                )
+
+
 def train_config(args: argparse.Namespace) -> Any:
     """The resolved ``TrainConfig``: defaults, then the --config file, then flags.
 
@@ -431,13 +453,7 @@ def train_config(args: argparse.Namespace) -> Any:
     if getattr(args, "config", None):
         values.update(from_keys(_read_config(args.config), TrainConfig, args.config))
     values.update(_given(args, TrainConfig))
-    if values.get(("method",)) == "full":
-        for leaf in leaves(TrainConfig):
-            if leaf.path[0] == "lora" and leaf.path in values:
-                raise ValueError(
-                    f"train: {leaf.flag} sets the LoRA adapters, and --method full trains every "
-                    f"weight without them; leave out {leaf.flag} or use --method lora / qlora"
-                )
+    refuse_lora_flags_with_full(values, TrainConfig, "train")
     if values.get(("objective",), "sft") != "dpo":
         dpo_only = {("data_config", "max_prompt_length"), ("data_config", "truncation_mode")}
         for leaf in leaves(TrainConfig):
@@ -619,6 +635,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(_eval(args)))
         elif args.command == "generate":
             print(_generate(args))
+        elif args.command == "plan":
+            from .plan import PlanConfig
+            from .plan import main as plan_main
+
+            values = _given(args, PlanConfig)
+            refuse_lora_flags_with_full(values, PlanConfig, "plan")
+            return plan_main(build(PlanConfig, values, "plan"))
         elif args.command == "memory":
             _memory(args.params, args.blocksize)
         else:
