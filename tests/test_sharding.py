@@ -221,12 +221,15 @@ def test_state_shardings_of_a_qlora_model_and_its_optimizer_state() -> None:
     assert adam.count.spec == PartitionSpec()
 
 
-def test_shard_batch_needs_3d_arrays() -> None:
+def test_shard_batch_takes_rows_of_tokens_or_of_values() -> None:
     mesh = make_mesh(MeshConfig())
     out = shard_batch({"input_ids": np.arange(6).reshape(1, 2, 3)}, mesh)
     np.testing.assert_array_equal(out["input_ids"], np.arange(6).reshape(1, 2, 3))
-    with pytest.raises(ValueError, match=r"batch\['labels'\]: expected \[A, B, T\], got shape"):
-        shard_batch({"labels": np.zeros((2, 3))}, mesh)
+    out = shard_batch({"ref_logps": np.arange(2.0).reshape(1, 2)}, mesh)  # one value per row
+    np.testing.assert_array_equal(out["ref_logps"], np.arange(2.0).reshape(1, 2))
+    for shape in ((3,), (1, 2, 3, 1)):
+        with pytest.raises(ValueError, match=r"batch\['labels'\]: expected \[A, B, T\] \(or"):
+            shard_batch({"labels": np.zeros(shape)}, mesh)
 
 
 def test_mesh_trainer_keeps_an_offloaded_optimizer_on_the_host(tmp_path: Path) -> None:

@@ -274,7 +274,10 @@ def shard_batch(batch: dict[str, Any], mesh: Mesh, rules: Rules = RULES) -> dict
     for name, value in batch.items():
         value = np.asarray(value)
         if value.ndim not in (2, 3):
-            raise ValueError(f"batch[{name!r}]: expected [A, B, T], got shape {value.shape}")
+            raise ValueError(
+                f"batch[{name!r}]: expected [A, B, T] (or [A, B], one value per row), got shape "
+                f"{value.shape}"
+            )
         sharding = NamedSharding(mesh, PartitionSpec(*spec[: value.ndim]))
         if value.shape[1] % held:
             rows_global = value.shape[1] * split // held
