@@ -187,16 +187,14 @@ def _unheads(x: Array) -> Array:
 def _sdpa_heads_fwd(
     q: Array, k: Array, v: Array, mask: Array
 ) -> tuple[Array, tuple[Array, Array, Array, Array]]:
-    acc = acc_dtype(q.dtype)  # scores, softmax and every product's sums in float32 or wider
+    acc = acc_dtype(q.dtype)  # scores, probabilities and their sums stay in float32 or wider
     qh = _heads(q, k.shape[2])  # [B,T,N,H] -> [B,K,G,T,H]
     kh = k.transpose(0, 2, 1, 3)  # [B,S,K,H] -> [B,K,S,H]
     vh = v.transpose(0, 2, 1, 3)  # [B,S,K,H] -> [B,K,S,H]
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = jnp.einsum("BKGTH,BKSH->BKGTS", qh, kh, preferred_element_type=acc)  # [B,K,G,T,S]
-    # The probabilities enter the weighted sum (and the backward) in the compute dtype, as
-    # every other matmul operand: bf16 x bf16 summed in float32 under bf16 compute.
-    probs = softmax(scores * scale, mask[:, None, None]).astype(q.dtype)  # [B,K,G,T,S]
-    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, vh, preferred_element_type=acc)  # [B,K,G,T,H]
+    probs = softmax(scores * scale, mask[:, None, None])  # [B,K,G,T,S]
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, vh.astype(acc))  # [B,K,G,T,H]
     return _unheads(out).astype(q.dtype), (qh, kh, vh, probs)  # [B,T,N,H]
 
 
@@ -220,15 +218,14 @@ def _sdpa_heads_bwd(
     """``(dq, dk, dv)`` as ``sdpa_backward``; each kv head sums the gradients of the G
     queries it served. The mask gets no cotangent."""
     qh, kh, vh, probs = res
-    acc = acc_dtype(probs.dtype)
+    acc = probs.dtype
     scale = 1.0 / math.sqrt(qh.shape[-1])
-    dg = _heads(dout.astype(probs.dtype), kh.shape[1])  # [B,T,N,H] -> [B,K,G,T,H]
-    dv = jnp.einsum("BKGTS,BKGTH->BKSH", probs, dg, preferred_element_type=acc)  # [B,K,S,H]
-    dprobs = jnp.einsum("BKGTH,BKSH->BKGTS", dg, vh, preferred_element_type=acc)  # [B,K,G,T,S]
-    dscores = softmax_backward(probs.astype(acc), dprobs) * scale  # [B,K,G,T,S]
-    dscores = dscores.astype(probs.dtype)  # the two products' operand, as in the forward
-    dq = jnp.einsum("BKGTS,BKSH->BKGTH", dscores, kh, preferred_element_type=acc)  # [B,K,G,T,H]
-    dk = jnp.einsum("BKGTS,BKGTH->BKSH", dscores, qh, preferred_element_type=acc)  # [B,K,S,H]
+    dg = _heads(dout.astype(acc), kh.shape[1])  # [B,T,N,H] -> [B,K,G,T,H]
+    dv = jnp.einsum("BKGTS,BKGTH->BKSH", probs, dg)  # [B,K,S,H]
+    dprobs = jnp.einsum("BKGTH,BKSH->BKGTS", dg, vh.astype(acc))  # [B,K,G,T,S]
+    dscores = softmax_backward(probs, dprobs) * scale  # [B,K,G,T,S]
+    dq = jnp.einsum("BKGTS,BKSH->BKGTH", dscores, kh.astype(acc))  # [B,K,G,T,H]
+    dk = jnp.einsum("BKGTS,BKGTH->BKSH", dscores, qh.astype(acc))  # [B,K,S,H]
     return (
         _unheads(dq).astype(qh.dtype),  # [B,T,N,H]
         dk.transpose(0, 2, 1, 3).astype(kh.dtype),  # [B,S,K,H]
