@@ -101,9 +101,10 @@ def test_attention_paths_with_packed_and_padded_rows(name: str, impl: str) -> No
     assert rel_err(np.asarray(out), ref) <= RTOL["float32"]
 
 
-def test_remat_policies_give_the_same_gradients() -> None:
-    """Every policy, LoRA and QLoRA, in float64: the loss and every gradient leaf equal those
-    without rematerialisation (the recomputed forward is the same program) to 1e-10."""
+def test_remat_policies_and_layer_loops_give_the_same_gradients() -> None:
+    """Every policy, scanned and unrolled, LoRA and QLoRA, in float64: the loss and every
+    gradient leaf equal those of the scan without rematerialisation (the recomputed forward
+    and the unrolled blocks are the same arithmetic) to 1e-10."""
     rng = np.random.default_rng(13)
     ids = rng.integers(0, V, size=(B, T))
     data = {"ids": ids, "labels": ids, "attention_mask_2d": np.ones((B, T), dtype=int)}
@@ -116,17 +117,24 @@ def _remat_case(data: dict[str, np.ndarray]) -> None:
         params, cfg, lcfg = make_case("llama-gqa-rope3", method, np.random.default_rng(12))
         results = {}
         for remat in typing.get_args(Remat):
-            eng = EngineConfig(
-                param_dtype="float64", dtype="float64", remat=remat, quantize=method == "qlora"
-            )
-            results[remat] = engine_loss_and_grads(
-                from_spec(params, cfg, lcfg, eng), data, None, jax.jit
-            )
-        assert set(results) == {"none", "full", "dots", "attn_out"}
-        for remat, (loss, grads) in results.items():
-            assert loss == pytest.approx(results["none"][0], rel=RTOL["float64"]), remat
-            for path, g in results["none"][1].items():
-                assert rel_err(grads[path], g) <= RTOL["float64"], (method, remat, path)
+            for loop in ("scan", "unroll"):
+                eng = EngineConfig(
+                    param_dtype="float64",
+                    dtype="float64",
+                    remat=remat,
+                    layer_loop=loop,
+                    quantize=method == "qlora",
+                )
+                results[remat, loop] = engine_loss_and_grads(
+                    from_spec(params, cfg, lcfg, eng), data, None, jax.jit
+                )
+        assert {r for r, _ in results} == {"none", "full", "dots", "attn_out"}
+        want_loss, want = results["none", "scan"]
+        for case, (loss, grads) in results.items():
+            assert loss == pytest.approx(want_loss, rel=RTOL["float64"]), case
+            for path, g in want.items():
+                assert rel_err(grads[path], g) <= RTOL["float64"], (method, case, path)
+    assert len(results) == 8
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
@@ -234,7 +242,7 @@ def test_auto_resolves_to_float32_einsum_on_cpu() -> None:
     model = Model(LLAMA, None, EngineConfig(), rngs=nnx.Rngs(0))
     assert (model.eng.dtype, model.eng.attention) == ("float32", "einsum")
     assert jax.default_backend() != "cpu" or EngineConfig().resolve(WIDE) == EngineConfig(
-        dtype="float32", attention="einsum"
+        dtype="float32", attention="einsum", layer_loop="scan"
     )
     assert model(jnp.zeros((1, 3), jnp.int32)).dtype == jnp.float32
 
@@ -258,6 +266,8 @@ def test_auto_choices(backend: str, dtype: str, cfg: ModelConfig, want: tuple[st
     cpu_bf16 = units == "bf16"
     eng = EngineConfig(dtype=dtype).resolve(cfg, backend, cpu_bf16)  # type: ignore[arg-type]
     assert (eng.dtype, eng.attention) == want
+    # XLA's CPU backend handles bf16 stacks through float32: the blocks run unrolled there
+    assert eng.layer_loop == ("unroll" if (backend, want[0]) == ("cpu", "bfloat16") else "scan")
     assert eng.resolve(cfg, backend, cpu_bf16) == eng  # resolving again changes nothing
     for explicit in ("xla", "einsum"):  # an explicit path is kept
         got = EngineConfig(dtype=dtype, attention=explicit).resolve(cfg, backend, cpu_bf16)  # type: ignore[arg-type]
