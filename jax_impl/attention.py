@@ -104,17 +104,19 @@ class KVCache(NamedTuple):
 
     Each layer has buffers of its own: a layer writes its new positions in place and attends
     over its whole buffer. Slices of one ``[L, ...]`` stack, written and read in the same
-    step, made XLA copy the layer's slice and the whole stack on every decode step.
+    step, made XLA copy the layer's slice and the whole stack on every decode step. The
+    buffers are head-major, as the einsum path's products take them: a position-major cache
+    was transposed whole, keys and values of every layer, on every decode step.
     """
 
-    k: tuple[Array, ...]  # L x [B,S,K,H] rotated keys
-    v: tuple[Array, ...]  # L x [B,S,K,H] values
+    k: tuple[Array, ...]  # L x [B,K,S,H] rotated keys
+    v: tuple[Array, ...]  # L x [B,K,S,H] values
     length: Array  # int32 []: positions filled
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any) -> KVCache:
         """An empty cache of ``size`` positions for ``batch`` rows of ``cfg``'s model."""
-        shape = (batch, size, cfg.n_kv, cfg.hd)  # [B,S,K,H]
+        shape = (batch, cfg.n_kv, size, cfg.hd)  # [B,K,S,H]
         k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
         v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
         return cls(k, v, jnp.zeros((), jnp.int32))
@@ -126,9 +128,11 @@ class KVCache(NamedTuple):
         never copies the cache.
         """
         zero = jnp.zeros((), jnp.int32)
-        at = (zero, self.length, zero, zero)
-        new_k = jax.lax.dynamic_update_slice(self.k[layer], k.astype(self.k[layer].dtype), at)
-        new_v = jax.lax.dynamic_update_slice(self.v[layer], v.astype(self.v[layer].dtype), at)
+        at = (zero, zero, self.length, zero)
+        kh = k.transpose(0, 2, 1, 3).astype(self.k[layer].dtype)  # [B,T,K,H] -> [B,K,T,H]
+        vh = v.transpose(0, 2, 1, 3).astype(self.v[layer].dtype)  # [B,T,K,H] -> [B,K,T,H]
+        new_k = jax.lax.dynamic_update_slice(self.k[layer], kh, at)  # [B,K,S,H]
+        new_v = jax.lax.dynamic_update_slice(self.v[layer], vh, at)  # [B,K,S,H]
         ks, vs = list(self.k), list(self.v)
         ks[layer], vs[layer] = new_k, new_v
         return self._replace(k=tuple(ks), v=tuple(vs))
@@ -187,10 +191,21 @@ def _unheads(x: Array) -> Array:
 def _sdpa_heads_fwd(
     q: Array, k: Array, v: Array, mask: Array
 ) -> tuple[Array, tuple[Array, Array, Array, Array]]:
-    acc = acc_dtype(q.dtype)  # scores, probabilities and their sums stay in float32 or wider
-    qh = _heads(q, k.shape[2])  # [B,T,N,H] -> [B,K,G,T,H]
     kh = k.transpose(0, 2, 1, 3)  # [B,S,K,H] -> [B,K,S,H]
     vh = v.transpose(0, 2, 1, 3)  # [B,S,K,H] -> [B,K,S,H]
+    return attend_heads(q, kh, vh, mask)
+
+
+def attend_heads(
+    q: Array, kh: Array, vh: Array, mask: Array
+) -> tuple[Array, tuple[Array, Array, Array, Array]]:
+    """The einsum path's forward on head-major keys and values (a ``KVCache``'s layout).
+
+    q [B, T, N, H], kh and vh [B, K, S, H], mask bool [B, T, S] -> ([B, T, N, H] in q's
+    dtype, the residuals ``(qh, kh, vh, probs)`` its backward keeps).
+    """
+    acc = acc_dtype(q.dtype)  # scores, probabilities and their sums stay in float32 or wider
+    qh = _heads(q, kh.shape[1])  # [B,T,N,H] -> [B,K,G,T,H]
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = jnp.einsum("BKGTH,BKSH->BKGTS", qh, kh, preferred_element_type=acc)  # [B,K,G,T,S]
     probs = softmax(scores * scale, mask[:, None, None])  # [B,K,G,T,S]
@@ -309,12 +324,14 @@ class Attention(nnx.Module):
             k = rope(k, positions, inv_freq, self.rope_factor)  # [B,T,K,H]
         impl = self.impl
         if cache is not None:
-            cache = cache.write(layer, k, v)  # [B,S,K,H] of the layer: T positions written
-            k = cache.k[layer].astype(q.dtype)  # [B,S,K,H]
-            v = cache.v[layer].astype(q.dtype)  # [B,S,K,H]
-            impl = "xla" if impl == "cudnn" else impl  # cuDNN's flash kernel wants T == S
-            causal_only = False
-        if cache is None and impl == "einsum" and t > 1:
+            cache = cache.write(layer, k, v)  # [B,K,S,H] of the layer: T positions written
+            kh = cache.k[layer].astype(q.dtype)  # [B,K,S,H]
+            vh = cache.v[layer].astype(q.dtype)  # [B,K,S,H]
+            # Every path attends with the einsum products on the head-major buffers: cuDNN's
+            # flash kernel wants T == S, and the XLA path takes keys and values position-major,
+            # a transpose of the whole cache on every token.
+            o = attend_heads(q, kh, vh, mask)[0]  # [B,T,N,H]
+        elif impl == "einsum" and t > 1:
             # Without a cache every mask is causal (padding, packing and windows only take
             # keys away), so the first C queries see only the first C keys: a quarter of the
             # [T, S] scores are never formed. The same sums as one call, row by row.

@@ -117,7 +117,7 @@ def _decode(
     b, p = prompt.shape
     TRACES[(b, p, cache_len)] += 1  # runs only while tracing
     model = nnx.merge(graphdef, state)
-    cache = KVCache.zeros(model.cfg, b, cache_len, model.eng.dtype)  # L x [B,S,K,H]
+    cache = KVCache.zeros(model.cfg, b, cache_len, model.eng.dtype)  # L x [B,K,S,H]
     layers = model.layer_states()  # sliced out of the stack once, not on every token
     x, cache = model.hidden_states(prompt, cache=cache, layer_states=layers)  # [B,P,D]
     x = jax.lax.dynamic_index_in_dim(x, t0 - 1, axis=1)  # [B,1,D]: the last real token
