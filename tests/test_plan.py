@@ -30,6 +30,7 @@ from jax_impl.apps.plan import (
 )
 from jax_impl.model import REMAT_POLICIES, EngineConfig
 from ref_numpy.config import LoraConfig, ModelConfig, llama_config
+from ref_numpy.formats.hf import config_to_hf
 
 ALL_SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHAPES: dict[str, tuple[ModelConfig, int, int]] = {  # config, rows, positions
@@ -246,25 +247,8 @@ def test_the_command_on_this_backend(capsys: pytest.CaptureFixture[str], tmp_pat
     assert "does NOT fit in 0.00 GiB" in out.splitlines()[-1]
     for name in ("base weights", "NF4 codes", "adapters", "AdamW moments", "saved activations"):
         assert f"  {name} " in out
-    cfg = SHAPES["narrow"][0]
-    (tmp_path / "config.json").write_text(
-        json.dumps(
-            dict(
-                model_type="llama",
-                architectures=["LlamaForCausalLM"],
-                vocab_size=cfg.vocab_size,
-                hidden_size=cfg.d_model,
-                intermediate_size=cfg.d_ff,
-                num_hidden_layers=cfg.n_layers,
-                num_attention_heads=cfg.n_heads,
-                num_key_value_heads=cfg.n_kv,
-                max_position_embeddings=512,
-                rms_norm_eps=1e-5,
-                hidden_act="silu",
-                tie_word_embeddings=False,
-            )
-        )
-    )
+    cfg = SHAPES["narrow"][0]  # a context of 512 positions
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(cfg)))
     dirs = [str(tmp_path), str(tmp_path / "config.json")]
     peaks = [run_plan(PlanConfig(model=d, max_length=128))["peak"] for d in dirs]
     assert peaks[0] == peaks[1] > 0
