@@ -15,8 +15,8 @@ The output of attention (before ``o_proj``) is named ``ATTN_OUT`` with
 ``jax.ad_checkpoint.checkpoint_name``, so a rematerialisation policy can keep just it.
 
 Decoding keeps a ``KVCache``: the spec's ``past_kv`` grows by concatenation; here the keys and
-values of each layer live in preallocated ``[B, S, K, H]`` buffers that each call writes at
-its current length, so the decode loop runs with fixed shapes.
+values of each layer live in preallocated buffers (``KVCache``) that each call writes at its
+current length, so the decode loop runs with fixed shapes.
 """
 
 from __future__ import annotations
@@ -105,21 +105,33 @@ class KVCache(NamedTuple):
     Each layer has buffers of its own: a layer writes its new positions in place and attends
     over its whole buffer. Slices of one ``[L, ...]`` stack, written and read in the same
     step, made XLA copy the layer's slice and the whole stack on every decode step. The
-    buffers are head-major, as the einsum path's products take them: a position-major cache
-    was transposed whole, keys and values of every layer, on every decode step.
+    buffers are laid out as ``attend_cache``'s products take them, so that no decode step
+    moves a whole buffer (each was measured on XLA:CPU, ``bench/RESULTS.md``):
+
+    - head-major, the rows and kv heads flattened into one batch axis C = B * K: keys
+      position-major were transposed whole on every token; with B and K as two batch axes,
+      XLA squeezed a batch of one through a bitcast and wrote each buffer twice, once for
+      the loop and once for the product, copying every buffer several times per token;
+    - keys transposed, ``[C, H, S]``, so that ``q @ K^T`` is a plain product with the
+      positions as its columns: ``[C, S, H]`` keys made it about five times slower.
     """
 
-    k: tuple[Array, ...]  # L x [B,K,S,H] rotated keys
-    v: tuple[Array, ...]  # L x [B,K,S,H] values
+    k: tuple[Array, ...]  # L x [C,H,S] rotated keys, transposed (C = B*K, row-major)
+    v: tuple[Array, ...]  # L x [C,S,H] values
     length: Array  # int32 []: positions filled
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any) -> KVCache:
         """An empty cache of ``size`` positions for ``batch`` rows of ``cfg``'s model."""
-        shape = (batch, cfg.n_kv, size, cfg.hd)  # [B,K,S,H]
-        k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
-        v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+        c = batch * cfg.n_kv
+        k = tuple(jnp.zeros((c, cfg.hd, size), dtype) for _ in range(cfg.n_layers))  # [C,H,S]
+        v = tuple(jnp.zeros((c, size, cfg.hd), dtype) for _ in range(cfg.n_layers))  # [C,S,H]
         return cls(k, v, jnp.zeros((), jnp.int32))
+
+    @property
+    def size(self) -> int:
+        """S, the positions each buffer holds."""
+        return self.v[0].shape[1]
 
     def write(self, layer: int, k: Array, v: Array) -> KVCache:
         """``k`` and ``v`` [B, T, K, H] of ``layer`` written at positions ``length ..``.
@@ -127,12 +139,16 @@ class KVCache(NamedTuple):
         One in-place ``dynamic_update_slice`` per buffer: a decode step writes T positions,
         never copies the cache.
         """
+        b, t, kv, h = k.shape
+        kt = k.transpose(0, 2, 3, 1).reshape(b * kv, h, t)  # [B,T,K,H] -> [C,H,T]
+        vh = v.transpose(0, 2, 1, 3).reshape(b * kv, t, h)  # [B,T,K,H] -> [C,T,H]
         zero = jnp.zeros((), jnp.int32)
-        at = (zero, zero, self.length, zero)
-        kh = k.transpose(0, 2, 1, 3).astype(self.k[layer].dtype)  # [B,T,K,H] -> [B,K,T,H]
-        vh = v.transpose(0, 2, 1, 3).astype(self.v[layer].dtype)  # [B,T,K,H] -> [B,K,T,H]
-        new_k = jax.lax.dynamic_update_slice(self.k[layer], kh, at)  # [B,K,S,H]
-        new_v = jax.lax.dynamic_update_slice(self.v[layer], vh, at)  # [B,K,S,H]
+        new_k = jax.lax.dynamic_update_slice(
+            self.k[layer], kt.astype(self.k[layer].dtype), (zero, zero, self.length)
+        )  # [C,H,S]
+        new_v = jax.lax.dynamic_update_slice(
+            self.v[layer], vh.astype(self.v[layer].dtype), (zero, self.length, zero)
+        )  # [C,S,H]
         ks, vs = list(self.k), list(self.v)
         ks[layer], vs[layer] = new_k, new_v
         return self._replace(k=tuple(ks), v=tuple(vs))
@@ -199,7 +215,7 @@ def _sdpa_heads_fwd(
 def attend_heads(
     q: Array, kh: Array, vh: Array, mask: Array
 ) -> tuple[Array, tuple[Array, Array, Array, Array]]:
-    """The einsum path's forward on head-major keys and values (a ``KVCache``'s layout).
+    """The einsum path's forward on head-major keys and values.
 
     q [B, T, N, H], kh and vh [B, K, S, H], mask bool [B, T, S] -> ([B, T, N, H] in q's
     dtype, the residuals ``(qh, kh, vh, probs)`` its backward keeps).
@@ -211,6 +227,24 @@ def attend_heads(
     probs = softmax(scores * scale, mask[:, None, None])  # [B,K,G,T,S]
     out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, vh.astype(acc))  # [B,K,G,T,H]
     return _unheads(out).astype(q.dtype), (qh, kh, vh, probs)  # [B,T,N,H]
+
+
+def attend_cache(q: Array, kt: Array, vh: Array, mask: Array) -> Array:
+    """Attention over one layer's ``KVCache`` buffers: the same sums as ``attend_heads``.
+
+    q [B, T, N, H], kt [C, H, S] (keys transposed, C = B * K), vh [C, S, H], mask bool
+    [B, T, S] -> [B, T, N, H] in q's dtype.
+    """
+    b, t, n, h = q.shape
+    c, _, s = kt.shape
+    kv = c // b
+    qh = _heads(q, kv).reshape(c, n // kv, t, h)  # [B,T,N,H] -> [B,K,G,T,H] -> [C,G,T,H]
+    acc = acc_dtype(q.dtype)
+    scores = jnp.einsum("CGTH,CHS->CGTS", qh, kt, preferred_element_type=acc)  # [C,G,T,S]
+    scores = scores.reshape(b, kv, n // kv, t, s) / math.sqrt(h)  # [B,K,G,T,S]
+    probs = softmax(scores, mask[:, None, None]).reshape(c, n // kv, t, s)  # [C,G,T,S]
+    out = jnp.einsum("CGTS,CSH->CGTH", probs, vh.astype(acc))  # [C,G,T,H]
+    return _unheads(out.reshape(b, kv, n // kv, t, h)).astype(q.dtype)  # [B,T,N,H]
 
 
 @jax.custom_vjp
@@ -324,13 +358,13 @@ class Attention(nnx.Module):
             k = rope(k, positions, inv_freq, self.rope_factor)  # [B,T,K,H]
         impl = self.impl
         if cache is not None:
-            cache = cache.write(layer, k, v)  # [B,K,S,H] of the layer: T positions written
-            kh = cache.k[layer].astype(q.dtype)  # [B,K,S,H]
-            vh = cache.v[layer].astype(q.dtype)  # [B,K,S,H]
-            # Every path attends with the einsum products on the head-major buffers: cuDNN's
+            cache = cache.write(layer, k, v)  # the layer's buffers: T positions written
+            kt = cache.k[layer].astype(q.dtype)  # [C,H,S]
+            vh = cache.v[layer].astype(q.dtype)  # [C,S,H]
+            # Every path attends with the einsum products on the buffers as they lie: cuDNN's
             # flash kernel wants T == S, and the XLA path takes keys and values position-major,
             # a transpose of the whole cache on every token.
-            o = attend_heads(q, kh, vh, mask)[0]  # [B,T,N,H]
+            o = attend_cache(q, kt, vh, mask)  # [B,T,N,H]
         elif impl == "einsum" and t > 1:
             # Without a cache every mask is causal (padding, packing and windows only take
             # keys away), so the first C queries see only the first C keys: a quarter of the

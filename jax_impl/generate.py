@@ -5,7 +5,7 @@ decode is one ``jax.jit`` program per ``(B, prompt bucket P, cache length S)``, 
 forward pass is the model's own (``Model`` with a ``KVCache``):
 
 1. the prompt, right-padded to ``P`` (the next power of two >= T0), runs once through the
-   model and writes its keys and values into a preallocated cache (``[B, S, K, H]`` per layer);
+   model and writes its keys and values into a preallocated cache (a ``KVCache``);
    the padded positions come after the real ones, so causal masking already hides them
    from the real queries; the cache's length is then set back to T0, and decode steps
    overwrite the padded slots before any query can see them;
@@ -117,7 +117,7 @@ def _decode(
     b, p = prompt.shape
     TRACES[(b, p, cache_len)] += 1  # runs only while tracing
     model = nnx.merge(graphdef, state)
-    cache = KVCache.zeros(model.cfg, b, cache_len, model.eng.dtype)  # L x [B,K,S,H]
+    cache = KVCache.zeros(model.cfg, b, cache_len, model.eng.dtype)  # L x [C,H,S], [C,S,H]
     layers = model.layer_states()  # sliced out of the stack once, not on every token
     x, cache = model.hidden_states(prompt, cache=cache, layer_states=layers)  # [B,P,D]
     x = jax.lax.dynamic_index_in_dim(x, t0 - 1, axis=1)  # [B,1,D]: the last real token

@@ -584,7 +584,7 @@ class Model(nnx.Module):
         else:
             if segment_ids is not None:
                 raise ValueError("segment_ids: packed examples are for training, not a KVCache")
-            s, start = cache.k[0].shape[2], cache.length  # keys: the cache's S slots
+            s, start = cache.size, cache.length  # keys: the cache's S slots
             if positions is None:
                 positions = start + jnp.broadcast_to(jnp.arange(t), (b, t))  # [B,T]
         mask = attention_mask(

@@ -268,7 +268,7 @@ def test_cached_step_equals_full_forward(
 
     def corrupt(layer: int, slot: int) -> KVCache:
         ks = list(cache.k)
-        ks[layer] = ks[layer].at[:, :, slot].add(1.0)  # [B,K,S,H]
+        ks[layer] = ks[layer].at[..., slot].add(1.0)  # [C,H,S]
         return cache._replace(k=tuple(ks))
 
     windowed = [i for i in range(cfg.n_layers) if cfg.layer_window(i) is not None]
