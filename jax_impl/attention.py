@@ -27,16 +27,14 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from ref_numpy.config import ModelConfig, attn_shapes
-from ref_numpy.positional import rope_attention_factor
 
 from .layers import Norm, acc_dtype, softmax, softmax_backward
 from .lora import Dense
-from .positional import rope
+from .positional import RopeTables, rope
 
 Array = jax.Array
 AttnImpl = Literal["einsum", "xla", "cudnn"]
@@ -303,7 +301,6 @@ class Attention(nnx.Module):
         adapter, NF4 and dtypes); ``make_norm(width)`` builds ``q_norm`` / ``k_norm``."""
         self.n, self.kv, self.h, self.impl = cfg.n_heads, cfg.n_kv, cfg.hd, impl
         self.fused = cfg.fused_qkv
-        self.rope_factor = rope_attention_factor(cfg.rope_scaling)
         for name, (d_in, d_out) in attn_shapes(cfg).items():
             setattr(self, name, make("attn", name, d_in, d_out))
         self.qk_norm = cfg.qk_norm
@@ -315,9 +312,8 @@ class Attention(nnx.Module):
     def __call__(
         self,
         x: Array,
-        positions: Array,
         mask: Array,
-        inv_freq: np.ndarray | None,
+        tables: RopeTables | None,
         keys: dict[str, Array] | None = None,
         *,
         cache: KVCache | None = None,
@@ -328,10 +324,10 @@ class Attention(nnx.Module):
 
         Args:
           x: [B, T, D].
-          positions: [B, T] positions of the queries (used by RoPE).
           mask: bool [B, T, S]; S = T without a cache, the cache's size with one. Without
             a cache it must hide every later key (``attention_mask`` with ``causal``).
-          inv_freq: [H/2] RoPE frequencies, or None for models without RoPE.
+          tables: RoPE's cos and sin [B, T, 1, H] at the queries' positions
+            (``positional.rope_tables``), or None for models without RoPE.
           keys: projection name -> dropout key (training), or None.
           cache: the keys and values of earlier positions (the spec's ``past_kv``); this
             call's are written at its ``length`` in the buffers of layer ``layer``.
@@ -353,9 +349,9 @@ class Attention(nnx.Module):
         v = v.reshape(b, t, kv, h)  # [B,T,KH] -> [B,T,K,H]
         if self.qk_norm:  # RMSNorm over each head's H features, shared by all heads
             q, k = self.q_norm(q), self.k_norm(k)
-        if inv_freq is not None:
-            q = rope(q, positions, inv_freq, self.rope_factor)  # [B,T,N,H]
-            k = rope(k, positions, inv_freq, self.rope_factor)  # [B,T,K,H]
+        if tables is not None:
+            q = rope(q, tables)  # [B,T,N,H]
+            k = rope(k, tables)  # [B,T,K,H]
         impl = self.impl
         if cache is not None:
             cache = cache.write(layer, k, v)  # the layer's buffers: T positions written

@@ -42,6 +42,7 @@ from ref_numpy.config import (
 )
 from ref_numpy.lora import LORA_LEAVES, projections, selected_paths, selects
 from ref_numpy.nf4 import BLOCKSIZES, DEFAULT_BLOCKSIZE, NF4Tensor
+from ref_numpy.positional import rope_attention_factor
 
 from .attention import ATTN_OUT, Attention, KVCache, attention_mask, layer_windows
 from .layers import (
@@ -58,7 +59,7 @@ from .layers import (
 )
 from .lora import Dense
 from .nf4 import NF4State
-from .positional import learned, rope_inv_freq, sinusoidal
+from .positional import RopeTables, learned, rope_inv_freq, rope_tables, sinusoidal
 
 Array = jax.Array
 Remat = Literal["none", "full", "dots", "attn_out"]
@@ -345,9 +346,8 @@ class Block(nnx.Module):
     def __call__(
         self,
         x: Array,
-        positions: Array,
         mask: Array,
-        inv_freq: np.ndarray | None,
+        tables: RopeTables | None,
         key: Array | None,
         *,
         cache: KVCache | None = None,
@@ -362,9 +362,8 @@ class Block(nnx.Module):
         def attn(h: Array) -> tuple[Array, KVCache | None]:
             return self.attn(
                 h,
-                positions,
                 mask,
-                inv_freq,
+                tables,
                 keys["attn"],
                 cache=cache,
                 layer=layer,
@@ -592,6 +591,10 @@ class Model(nnx.Module):
         )  # [B,T,S]
         x = self.embed_tokens(ids, positions)  # [B,T,D]
         inv_freq = rope_inv_freq(cfg)  # [H/2] or None
+        tables = None
+        if inv_freq is not None:  # cos and sin [B,T,1,H], shared by every layer
+            factor = rope_attention_factor(cfg.rope_scaling)
+            tables = rope_tables(positions, inv_freq, factor, acc_dtype(x.dtype))
         keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_layers)
         windows = layer_windows(cfg)  # [L] sliding windows, scanned with the layers, or None
         plain = cache is None and attention_mask_2d is None and segment_ids is None
@@ -613,8 +616,8 @@ class Model(nnx.Module):
                 m = mask & attention_mask(b, t, s, window=window, start=start)
             block = nnx.merge(graphdef, layer_state)
             if layer is None:
-                return block(x, positions, m, inv_freq, key, causal_only=causal_only), None
-            return block(x, positions, m, inv_freq, key, cache=cache, layer=layer), None
+                return block(x, m, tables, key, causal_only=causal_only), None
+            return block(x, m, tables, key, cache=cache, layer=layer), None
 
         carry: Carry = (x, cache)
         if cache is None:

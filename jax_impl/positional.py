@@ -7,6 +7,8 @@ are constants of the config and come from the spec itself (``rope_frequencies``,
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,27 +53,56 @@ def _rotate_half(x: Array) -> Array:
     return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)  # [...,H]
 
 
-def rope(x: Array, positions: Array, inv_freq: np.ndarray, attention_factor: float = 1.0) -> Array:
-    """Rotate each pair ``(x[i], x[i + H/2])`` by the angle ``position * inv_freq[i]``.
+RopeTables = tuple[Array, Array]  # cos, sin [B, T, 1, H]
+
+
+def rope_tables(
+    positions: Array, inv_freq: np.ndarray, attention_factor: float, dtype: Any
+) -> RopeTables:
+    """The cosines and sines of every position's angles, once for all layers.
 
     Args:
-      x: [B, T, N, H] (queries or keys; any head count).
       positions: [B, T].
       inv_freq: [H/2] from ``rope_frequencies``.
       attention_factor: multiplies cos and sin (``rope_attention_factor``; 1 but for YaRN).
+      dtype: the angles' and tables' dtype (``acc_dtype`` of the compute dtype).
+    Returns:
+      cos and sin [B, T, 1, H] of ``position * inv_freq[i]``, each half of H repeating
+      the H/2 angles (the Hugging Face Llama layout), times ``attention_factor``.
+
+    The tables are formed row by row in a loop (``jax.lax.map``), which XLA cannot fuse
+    into the rotations that read them. Formed in place, XLA fused the sines and cosines into
+    every rotation, forward and backward, and recomputed them for each head; with the
+    blocks unrolled (bf16 on a CPU) that was about a tenth of a training step.
+    """
+    inv = jnp.asarray(inv_freq, dtype)  # [H/2], the float64 constants rounded to dtype
+
+    def row(p: Array) -> RopeTables:
+        angle = p[:, None].astype(dtype) * inv  # [T,1] * [H/2] -> [T,H/2]
+        return jnp.cos(angle) * attention_factor, jnp.sin(angle) * attention_factor
+
+    cos, sin = jax.lax.map(row, positions)  # [B,T,H/2] each
+
+    def full(t: Array) -> Array:
+        return jnp.concatenate([t, t], axis=-1)[:, :, None, :]  # [B,T,H/2] -> [B,T,1,H]
+
+    return full(cos), full(sin)
+
+
+def rope(x: Array, tables: RopeTables) -> Array:
+    """Rotate each pair ``(x[i], x[i + H/2])`` by its position's angle ``position * inv_freq[i]``.
+
+    Args:
+      x: [B, T, N, H] (queries or keys; any head count).
+      tables: cos and sin [B, T, 1, H] of the positions (``rope_tables``).
     Returns:
       [B, T, N, H] in x's dtype: ``x * cos + rotate_half(x) * sin``.
 
-    The rotation runs in ``acc_dtype`` and rounds once, at the end: under bf16 compute a
-    bf16 product and sum would each round (and XLA's CPU backend emulates every bf16
-    operation in float32 with a conversion on each side, so the bf16 lines, and their
-    backward, also cost several times the float32 ones).
+    The rotation runs in the tables' dtype (``acc_dtype``) and rounds once, at the end:
+    under bf16 compute a bf16 product and sum would each round (and XLA's CPU backend
+    emulates every bf16 operation in float32 with a conversion on each side, so the bf16
+    lines, and their backward, also cost several times the float32 ones).
     """
-    dt = acc_dtype(x.dtype)
-    inv = jnp.asarray(inv_freq, dt)  # [H/2], the float64 constants rounded to acc_dtype
-    angle = positions[..., None].astype(dt) * inv  # [B,T,1] * [H/2] -> [B,T,H/2]
-    angle = jnp.concatenate([angle, angle], axis=-1)[:, :, None, :]  # [B,T,1,H]
-    cos = jnp.cos(angle) * attention_factor  # [B,T,1,H]
-    sin = jnp.sin(angle) * attention_factor  # [B,T,1,H]
-    xf = x.astype(dt)  # [B,T,N,H]
+    cos, sin = tables
+    xf = x.astype(cos.dtype)  # [B,T,N,H]
     return (xf * cos + _rotate_half(xf) * sin).astype(x.dtype)  # [B,T,N,H]
