@@ -267,9 +267,11 @@ def _sdpa_heads_bwd(
     qh, kh, vh, probs = res
     acc = probs.dtype
     scale = 1.0 / math.sqrt(qh.shape[-1])
-    dg = _heads(dout.astype(acc), kh.shape[1])  # [B,T,N,H] -> [B,K,G,T,H]
-    dv = jnp.einsum("BKGTS,BKGTH->BKSH", probs, dg)  # [B,K,S,H]
-    dprobs = jnp.einsum("BKGTH,BKSH->BKGTS", dg, vh.astype(acc))  # [B,K,G,T,S]
+    dg = _heads(dout, kh.shape[1])  # [B,T,N,H] -> [B,K,G,T,H], in the compute dtype
+    dv = jnp.einsum("BKGTS,BKGTH->BKSH", probs, dg.astype(acc))  # [B,K,S,H]
+    # Both operands are in the compute dtype: under bf16, a bf16 product summed in float32
+    # (the matrix units' form), the same sums as widening them first.
+    dprobs = jnp.einsum("BKGTH,BKSH->BKGTS", dg, vh, preferred_element_type=acc)  # [B,K,G,T,S]
     dscores = softmax_backward(probs, dprobs) * scale  # [B,K,G,T,S]
     dq = jnp.einsum("BKGTS,BKSH->BKGTH", dscores, kh.astype(acc))  # [B,K,G,T,H]
     dk = jnp.einsum("BKGTS,BKGTH->BKSH", dscores, qh.astype(acc))  # [B,K,S,H]
