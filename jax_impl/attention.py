@@ -205,21 +205,12 @@ def _unheads(x: Array) -> Array:
 def _sdpa_heads_fwd(
     q: Array, k: Array, v: Array, mask: Array
 ) -> tuple[Array, tuple[Array, Array, Array, Array]]:
+    """The output [B, T, N, H] in q's dtype and the residuals ``(qh, kh, vh, probs)`` the
+    backward keeps."""
+    acc = acc_dtype(q.dtype)  # scores, probabilities and their sums stay in float32 or wider
+    qh = _heads(q, k.shape[2])  # [B,T,N,H] -> [B,K,G,T,H]
     kh = k.transpose(0, 2, 1, 3)  # [B,S,K,H] -> [B,K,S,H]
     vh = v.transpose(0, 2, 1, 3)  # [B,S,K,H] -> [B,K,S,H]
-    return attend_heads(q, kh, vh, mask)
-
-
-def attend_heads(
-    q: Array, kh: Array, vh: Array, mask: Array
-) -> tuple[Array, tuple[Array, Array, Array, Array]]:
-    """The einsum path's forward on head-major keys and values.
-
-    q [B, T, N, H], kh and vh [B, K, S, H], mask bool [B, T, S] -> ([B, T, N, H] in q's
-    dtype, the residuals ``(qh, kh, vh, probs)`` its backward keeps).
-    """
-    acc = acc_dtype(q.dtype)  # scores, probabilities and their sums stay in float32 or wider
-    qh = _heads(q, kh.shape[1])  # [B,T,N,H] -> [B,K,G,T,H]
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = jnp.einsum("BKGTH,BKSH->BKGTS", qh, kh, preferred_element_type=acc)  # [B,K,G,T,S]
     probs = softmax(scores * scale, mask[:, None, None])  # [B,K,G,T,S]
@@ -228,7 +219,7 @@ def attend_heads(
 
 
 def attend_cache(q: Array, kt: Array, vh: Array, mask: Array) -> Array:
-    """Attention over one layer's ``KVCache`` buffers: the same sums as ``attend_heads``.
+    """Attention over one layer's ``KVCache`` buffers: the einsum path's forward sums.
 
     q [B, T, N, H], kt [C, H, S] (keys transposed, C = B * K), vh [C, S, H], mask bool
     [B, T, S] -> [B, T, N, H] in q's dtype.
