@@ -131,6 +131,16 @@ class KVCache(NamedTuple):
         """S, the positions each buffer holds."""
         return self.v[0].shape[1]
 
+    def grow(self, size: int) -> KVCache:
+        """The same cache with ``size`` >= ``self.size`` positions per buffer, the new slots
+        zero: one copy of every buffer, made between decoding loops, never inside one."""
+        extra = size - self.size
+        if extra < 0:
+            raise ValueError(f"KVCache.grow: size {size} is below the cache's {self.size}")
+        k = tuple(jnp.pad(x, ((0, 0), (0, 0), (0, extra))) for x in self.k)  # [C,H,size]
+        v = tuple(jnp.pad(x, ((0, 0), (0, extra), (0, 0))) for x in self.v)  # [C,size,H]
+        return self._replace(k=k, v=v)
+
     def write(self, layer: int, k: Array, v: Array) -> KVCache:
         """``k`` and ``v`` [B, T, K, H] of ``layer`` written at positions ``length ..``.
 

@@ -97,6 +97,45 @@ def test_compiles_once_per_bucket(rng: np.random.Generator) -> None:
     assert G.TRACES == {(2, 8, 16): 1, (2, 4, 8): 1}
 
 
+def test_cache_sizes() -> None:
+    assert G.MAX_PHASES == 2
+    assert G.cache_sizes(32, 256) == (128, 256)  # bench/decode.py: 32 + 128 tokens
+    assert G.cache_sizes(8, 16) == (16,)  # too small for a loop of its own
+    assert G.cache_sizes(128, 512) == (256, 512)  # the first holds two prompt buckets
+    assert G.cache_sizes(128, 256) == (256,)  # room for fewer than P steps: one loop
+    assert G.cache_sizes(8, 1000) == (500, 1000)  # max_seq_len need not be a power of 2
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-rope3", "mistral-window-yarn"])
+def test_growing_cache_equals_spec(
+    name: str, rng: np.random.Generator, x64: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """100 new tokens after a prompt of 5: the cache starts at 64 slots and grows to 128 at
+    the 64th position; the tokens are the spec's. A growth that loses the cached keys and
+    values is caught."""
+    cfg = CONFIGS[name].replace(max_seq_len=160)
+    params = random_params(cfg, rng)
+    prompt = rng.integers(0, V, size=(2, 5))
+    assert G.cache_sizes(8, 128) == (64, 128)
+    model = from_spec(params, cfg, None, EngineConfig(param_dtype=jnp.float64, dtype=jnp.float64))
+    want = R.generate(params, cfg, prompt, 100)
+    np.testing.assert_array_equal(G.generate(model, prompt, 100), want)
+
+    def forgetful(cache: KVCache, size: int) -> KVCache:  # new buffers, nothing carried over
+        if size == cache.size:
+            return cache
+        return KVCache.zeros(cfg, 2, size, jnp.float64)._replace(length=cache.length)
+
+    monkeypatch.setattr(KVCache, "grow", forgetful)
+    G._decode.clear_cache()  # trace again with the faulty growth
+    try:
+        bad = G.generate(model, prompt, 100)
+    finally:
+        G._decode.clear_cache()
+    np.testing.assert_array_equal(bad[:, :65], want[:, :65])  # the 64-slot loop: same tokens
+    assert (bad[:, 65:] != want[:, 65:]).any()
+
+
 def test_generate_many_equals_one_by_one(rng: np.random.Generator, x64: None) -> None:
     name = "llama-gqa-rope3"
     cfg = CONFIGS[name]
