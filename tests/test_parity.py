@@ -16,10 +16,12 @@ import pytest
 from flax import nnx
 
 from jax_impl.model import EngineConfig, Model, causal_lm_loss, from_spec, module_keys, to_spec
+from jax_impl.positional import rope, rope_tables
 from ref_numpy import lora as LR
 from ref_numpy.config import LoraConfig, ModelConfig
 from ref_numpy.model import init_params, loss_and_grads, model_forward
 from ref_numpy.nf4 import NF4Tensor, quantize_kernel
+from ref_numpy.positional import rope_backward, rope_forward, rope_frequencies
 from tests.helpers import BF16_LEAF_RTOL, RTOL, grad_rel_errs, leaves, rel_err
 from tests.test_model import CONFIGS, V, batch, random_params
 
@@ -242,6 +244,25 @@ def test_perturbations_are_caught(x64: None) -> None:
     assert rel_err(np.asarray(bad), ref) > RTOL["float64"]
     swapped = from_spec(params, cfg, lcfg, eng64)(ids, attention_mask_2d=pad[::-1])
     assert rel_err(np.asarray(swapped), ref) > RTOL["float64"]
+
+
+def test_rope_vjp_is_the_spec_backward(x64: None) -> None:
+    """The engine's hand-written RoPE backward equals the spec's ``rope_backward`` (YaRN's
+    attention factor included); a backward that rotates the wrong way is caught."""
+    rng = np.random.default_rng(14)
+    b, t, n, h = 2, 5, 3, 8
+    x, g = rng.normal(size=(2, b, t, n, h))
+    positions = rng.integers(0, 40, size=(b, t))
+    inv = rope_frequencies(h, 10000.0)
+    want, cache = rope_forward(x, positions, inv, 1.3)
+    tables = rope_tables(jnp.asarray(positions), inv, 1.3, jnp.float64)
+    got, vjp = jax.vjp(lambda v: rope(v, tables), jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
+    (dx,) = vjp(jnp.asarray(g))
+    np.testing.assert_allclose(np.asarray(dx), rope_backward(g, cache), rtol=1e-12, atol=1e-12)
+    cos, sin = cache
+    forward_again = g * cos + np.concatenate([-g[..., h // 2 :], g[..., : h // 2]], -1) * sin
+    assert rel_err(forward_again, rope_backward(g, cache)) > 0.1
 
 
 @pytest.mark.parametrize("method", METHODS)
