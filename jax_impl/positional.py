@@ -76,18 +76,22 @@ def rope_tables(
       cos and sin [B, T, 1, H] of ``position * inv_freq[i]``, each half of H repeating
       the H/2 angles (the Hugging Face Llama layout), times ``attention_factor``.
 
-    The tables are formed row by row in a loop (``jax.lax.map``), which XLA cannot fuse
-    into the rotations that read them. Formed in place, XLA fused the sines and cosines into
-    every rotation, forward and backward, and recomputed them for each head; with the
-    blocks unrolled (bf16 on a CPU) that was about a tenth of a training step.
+    On a CPU the tables are formed row by row in a loop (``jax.lax.map``), which XLA cannot
+    fuse into the rotations that read them. Formed in place, XLA's CPU backend fused the
+    sines and cosines into every rotation, forward and backward, and recomputed them for each
+    head; with the blocks unrolled (bf16 on a CPU) that was about a tenth of a training step.
+    Elsewhere they are formed in place (``jax.lax.platform_dependent``): a GPU would run the
+    loop as B launches of small kernels, at every decoded token too.
     """
     inv = jnp.asarray(inv_freq, dtype)  # [H/2], the float64 constants rounded to dtype
 
-    def row(p: Array) -> RopeTables:
-        angle = p[:, None].astype(dtype) * inv  # [T,1] * [H/2] -> [T,H/2]
+    def tables(p: Array) -> RopeTables:
+        angle = p[..., None].astype(dtype) * inv  # [...,T,1] * [H/2] -> [...,T,H/2]
         return jnp.cos(angle) * attention_factor, jnp.sin(angle) * attention_factor
 
-    cos, sin = jax.lax.map(row, positions)  # [B,T,H/2] each
+    cos, sin = jax.lax.platform_dependent(
+        positions, cpu=lambda p: jax.lax.map(tables, p), default=tables
+    )  # [B,T,H/2] each
 
     def full(t: Array) -> Array:
         return jnp.concatenate([t, t], axis=-1)[:, :, None, :]  # [B,T,H/2] -> [B,T,1,H]

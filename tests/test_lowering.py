@@ -33,9 +33,9 @@ covered. The cuDNN attention path (``attention="cudnn"``, which ``"auto"`` picks
 a head dim that is a multiple of 8) is not covered at all: ``jax.nn.dot_product_attention``
 looks for cuDNN when it is traced with ``implementation="cudnn"`` and raises without a GPU.
 
-The last tests seed errors that a CPU run never shows and check that each is caught: a host
-callback in the step, an operation with no TPU lowering, and optimizer state in a memory kind
-CUDA devices lack.
+RoPE's tables are checked to take their CPU-only loop on the CPU alone. The last tests seed
+errors that a CPU run never shows and check that each is caught: a host callback in the step,
+an operation with no TPU lowering, and optimizer state in a memory kind CUDA devices lack.
 """
 
 from __future__ import annotations
@@ -55,10 +55,12 @@ from jax.stages import Wrapped
 
 from jax_impl import generate
 from jax_impl.model import REMAT_POLICIES, EngineConfig, Model
+from jax_impl.positional import rope_tables
 from jax_impl.train import trainer as trainer_module
 from jax_impl.train.sharding import MESH_AXES, batch_spec, state_shardings
 from jax_impl.train.trainer import DPOConfig, OptimConfig, Trainer, _eval_step
 from ref_numpy.config import LoraConfig
+from ref_numpy.positional import rope_frequencies
 from tests.test_model import CONFIGS
 
 PLATFORMS = ("cuda", "tpu")
@@ -331,6 +333,18 @@ def eigenvalues(loss: jax.Array) -> jax.Array:
     """A nonsymmetric eigendecomposition (``jnp.linalg.eig``): CPU and GPU only."""
     m = loss * jnp.asarray([[1.0, 2.0, 0.0], [0.0, 1.0, 3.0], [1.0, 0.0, 1.0]])  # [3,3]
     return jnp.abs(jnp.linalg.eigvals(m)).sum()
+
+
+def test_rope_tables_loop_only_on_a_cpu() -> None:
+    """RoPE's tables are formed in a loop over the rows on a CPU (where XLA would otherwise
+    fuse the sines into every rotation) and in place on a GPU or TPU (where the loop would be
+    B kernel launches per forward pass)."""
+    inv = rope_frequencies(CFG.hd, CFG.rope_theta, CFG.rope_scaling)
+    tables = jax.jit(lambda p: rope_tables(p, inv, 1.0, jnp.float32))
+    positions = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    for platform in ("cpu", *PLATFORMS):
+        module = jax.export.export(tables, platforms=(platform,))(positions).mlir_module()
+        assert ("stablehlo.while" in module) == (platform == "cpu"), platform
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
