@@ -282,8 +282,9 @@ def test_eval_loss_lowers(method: str, platform: str) -> None:
 @pytest.mark.parametrize("platform", PLATFORMS)
 @pytest.mark.parametrize("method", METHODS)
 def test_decode_lowers(method: str, platform: str) -> None:
-    """``generate``'s program for 3 prompts of 3 tokens and up to 6 new ones (prompt bucket 4,
-    cache bucket 8), sampling with top-k and top-p, with up to 4 stop sequences of 4 tokens."""
+    """``generate``'s program for 3 prompts of 3 tokens and up to 125 new ones (prompt bucket
+    4, cache bucket 128: a loop on 64 slots, then one on 128), sampling with top-k and top-p,
+    with up to 4 stop sequences of 4 tokens."""
     model = abstract_model(engine(method, "none", "xla", platform))
     graphdef, state = nnx.split(model)
     i32 = jax.ShapeDtypeStruct((), jnp.int32)
@@ -303,11 +304,12 @@ def test_decode_lowers(method: str, platform: str) -> None:
         jax.ShapeDtypeStruct((4, 4), jnp.int32),  # stop sequences
         jax.ShapeDtypeStruct((4, 4), jnp.bool_),  # their real entries
     )
-    static = dict(cache_len=8, greedy=False, use_top_k=True, use_top_p=True)
+    assert generate.cache_sizes(4, 128) == (64, 128)
+    static = dict(cache_len=128, greedy=False, use_top_k=True, use_top_p=True)
     exported = lower(generate._decode, args, platform, **static)
     assert exported.platforms == (platform,)
-    assert [a.shape for a in exported.out_avals] == [(B, 9), ()]  # tokens [B, S + 1], count
-    assert "stablehlo.while" in text(exported)  # the decode loop is one program
+    assert [a.shape for a in exported.out_avals] == [(B, 129), ()]  # tokens [B, S + 1], count
+    assert text(exported).count("stablehlo.while") == 2  # both decode loops in one program
 
 
 # --- the checks catch what a CPU run does not show -------------------------------------------
