@@ -97,13 +97,26 @@ def test_compiles_once_per_bucket(rng: np.random.Generator) -> None:
     assert G.TRACES == {(2, 8, 16): 1, (2, 4, 8): 1}
 
 
-def test_cache_sizes() -> None:
+def test_cache_sizes(rng: np.random.Generator) -> None:
     assert G.MAX_PHASES == 2
     assert G.cache_sizes(32, 256) == (128, 256)  # bench/decode.py: 32 + 128 tokens
     assert G.cache_sizes(8, 16) == (16,)  # too small for a loop of its own
     assert G.cache_sizes(128, 512) == (256, 512)  # the first holds two prompt buckets
     assert G.cache_sizes(128, 256) == (256,)  # room for fewer than P steps: one loop
     assert G.cache_sizes(8, 1000) == (500, 1000)  # max_seq_len need not be a power of 2
+    cfg = CONFIGS["llama-gqa-rope3"]
+    k, v = jnp.asarray(rng.normal(size=(2, 2, 3, cfg.n_kv, cfg.hd)), jnp.float32)  # [B,T,K,H]
+    cache = KVCache.zeros(cfg, 2, 16, jnp.float32).write(1, k, v)._replace(length=3)
+    grown = cache.grow(40)  # the written slots kept, the new ones zero
+    assert grown.size == 40 and int(grown.length) == 3
+    for old, new in zip(cache.k + cache.v, grown.k + grown.v, strict=True):
+        axis = 2 if new.shape[2] == 40 else 1  # keys [C,H,S], values [C,S,H]
+        kept, added = jnp.split(new, [16], axis=axis)
+        np.testing.assert_array_equal(kept, old)
+        assert not added.any()
+    assert np.abs(np.asarray(grown.k[1])).sum() > 0
+    with pytest.raises(ValueError, match="size 8 is below the cache's 16"):
+        cache.grow(8)
 
 
 @pytest.mark.parametrize("name", ["llama-gqa-rope3", "mistral-window-yarn"])
