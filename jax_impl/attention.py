@@ -217,14 +217,18 @@ def _sdpa_heads_fwd(
 ) -> tuple[Array, tuple[Array, Array, Array, Array]]:
     """The output [B, T, N, H] in q's dtype and the residuals ``(qh, kh, vh, probs)`` the
     backward keeps."""
-    acc = acc_dtype(q.dtype)  # scores, probabilities and their sums stay in float32 or wider
+    # Scores, probabilities and every sum stay in float32 or wider; the probabilities meet V
+    # rounded to the compute dtype, as bf16 flash-attention kernels round them.
+    acc = acc_dtype(q.dtype)
     qh = _heads(q, k.shape[2])  # [B,T,N,H] -> [B,K,G,T,H]
     kh = k.transpose(0, 2, 1, 3)  # [B,S,K,H] -> [B,K,S,H]
     vh = v.transpose(0, 2, 1, 3)  # [B,S,K,H] -> [B,K,S,H]
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = jnp.einsum("BKGTH,BKSH->BKGTS", qh, kh, preferred_element_type=acc)  # [B,K,G,T,S]
     probs = softmax(scores * scale, mask[:, None, None])  # [B,K,G,T,S]
-    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, vh.astype(acc))  # [B,K,G,T,H]
+    out = jnp.einsum(
+        "BKGTS,BKSH->BKGTH", probs.astype(q.dtype), vh, preferred_element_type=acc
+    )  # [B,K,G,T,H]
     return _unheads(out).astype(q.dtype), (qh, kh, vh, probs)  # [B,T,N,H]
 
 
@@ -242,7 +246,9 @@ def attend_cache(q: Array, kt: Array, vh: Array, mask: Array) -> Array:
     scores = jnp.einsum("CGTH,CHS->CGTS", qh, kt, preferred_element_type=acc)  # [C,G,T,S]
     scores = scores.reshape(b, kv, n // kv, t, s) / math.sqrt(h)  # [B,K,G,T,S]
     probs = softmax(scores, mask[:, None, None]).reshape(c, n // kv, t, s)  # [C,G,T,S]
-    out = jnp.einsum("CGTS,CSH->CGTH", probs, vh.astype(acc))  # [C,G,T,H]
+    out = jnp.einsum(
+        "CGTS,CSH->CGTH", probs.astype(q.dtype), vh, preferred_element_type=acc
+    )  # [C,G,T,H]
     return _unheads(out.reshape(b, kv, n // kv, t, h)).astype(q.dtype)  # [B,T,N,H]
 
 
@@ -266,16 +272,18 @@ def _sdpa_heads_bwd(
     """``(dq, dk, dv)`` as ``sdpa_backward``; each kv head sums the gradients of the G
     queries it served. The mask gets no cotangent."""
     qh, kh, vh, probs = res
-    acc = probs.dtype
+    acc, cd = probs.dtype, qh.dtype
     scale = 1.0 / math.sqrt(qh.shape[-1])
     dg = _heads(dout, kh.shape[1])  # [B,T,N,H] -> [B,K,G,T,H], in the compute dtype
-    dv = jnp.einsum("BKGTS,BKGTH->BKSH", probs, dg.astype(acc))  # [B,K,S,H]
-    # Both operands are in the compute dtype: under bf16, a bf16 product summed in float32
-    # (the matrix units' form), the same sums as widening them first.
+    # Every product takes operands in the compute dtype, summed in ``acc``: the forward's
+    # rounded probabilities, and the score gradients rounded as the forward rounds them.
+    dv = jnp.einsum(
+        "BKGTS,BKGTH->BKSH", probs.astype(cd), dg, preferred_element_type=acc
+    )  # [B,K,S,H]
     dprobs = jnp.einsum("BKGTH,BKSH->BKGTS", dg, vh, preferred_element_type=acc)  # [B,K,G,T,S]
-    dscores = softmax_backward(probs, dprobs) * scale  # [B,K,G,T,S]
-    dq = jnp.einsum("BKGTS,BKSH->BKGTH", dscores, kh.astype(acc))  # [B,K,G,T,H]
-    dk = jnp.einsum("BKGTS,BKGTH->BKSH", dscores, qh.astype(acc))  # [B,K,S,H]
+    dscores = (softmax_backward(probs, dprobs) * scale).astype(cd)  # [B,K,G,T,S]
+    dq = jnp.einsum("BKGTS,BKSH->BKGTH", dscores, kh, preferred_element_type=acc)  # [B,K,G,T,H]
+    dk = jnp.einsum("BKGTS,BKGTH->BKSH", dscores, qh, preferred_element_type=acc)  # [B,K,S,H]
     return (
         _unheads(dq).astype(qh.dtype),  # [B,T,N,H]
         dk.transpose(0, 2, 1, 3).astype(kh.dtype),  # [B,S,K,H]

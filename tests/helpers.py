@@ -20,6 +20,13 @@ HF_RTOL = 1e-4  # our float32 logits against transformers' float32 logits
 # measured 1-4% on the tiny random models of the parity tests (6 seeds x 6 cases, worst 6.2%);
 # a wrong leaf (a lost scale, a swapped operand) is off by tens of percent.
 BF16_LEAF_RTOL = 8e-2
+# A DPO loss under bf16 compute against a float64 reference. The loss is -log sigmoid of a
+# difference of four sums of token log-probabilities: a small relative error in each sum is a
+# larger one in their difference. 48 losses (8 seeds x LoRA and QLoRA x 3 steps) of the
+# preference tests measured a median of 0.57% and a worst of 3.3%. It only holds bf16 compute
+# near the spec: a wrong beta, reference or prompt mask is caught in float32
+# (tests/test_preference.py::test_perturbations_are_caught).
+DPO_BF16_RTOL = 5e-2
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

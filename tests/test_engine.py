@@ -5,6 +5,7 @@ every variable carries."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,36 @@ def test_einsum_attention_backward_is_the_specs() -> None:
     causal = spec_attention_mask(b, t, t)  # [B,T,S]: forgets the packing and padding
     _, other = grads(causal)
     assert rel_err(np.asarray(other[1]), want[1]) > 100 * RTOL["float32"]
+
+
+def test_einsum_attention_products_take_the_compute_dtype() -> None:
+    """Each of attention's six products, forward and backward, takes operands in the compute
+    dtype and sums in float32: under bf16 the probabilities and the score gradients are
+    rounded for their products, and the results are the spec's to bf16 accuracy."""
+    rng = np.random.default_rng(6)
+    b, t, n, kv, h = 2, 16, 4, 2, 8
+    q = rng.normal(size=(b, t, n, h))  # [B,T,N,H]
+    k, v = (rng.normal(size=(b, t, kv, h)) for _ in range(2))  # [B,S,K,H]
+    dout = rng.normal(size=(b, t, n, h))  # [B,T,N,H]
+    mask = spec_attention_mask(b, t, t)  # [B,T,S]
+    out_ref, cache = sdpa_forward(q, k, v, mask)
+    want = (out_ref, *sdpa_backward(dout, cache))  # out, dq, dk, dv
+
+    def out_and_grads(q: jax.Array, k: jax.Array, v: jax.Array, d: jax.Array) -> Any:
+        out, vjp = jax.vjp(lambda q, k, v: sdpa(q, k, v, jnp.asarray(mask), "einsum"), q, k, v)
+        return (out, *vjp(d))
+
+    for dtype, short in ((jnp.float32, "f32"), (jnp.bfloat16, "bf16")):
+        args = [jnp.asarray(a, dtype) for a in (q, k, v, dout)]
+        text = jax.jit(out_and_grads).lower(*args).as_text()
+        dots = re.findall(r"stablehlo\.dot_general.*:\s*\((.*)\)\s*->\s*(\S+)$", text, re.M)
+        assert len(dots) == 6, dots
+        for operands, result in dots:
+            assert re.findall(r"x(bf16|f32)>", operands) == [short, short], operands
+            assert result.endswith("xf32>"), result
+        got = jax.jit(out_and_grads)(*args)
+        for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+            assert rel_err(np.asarray(g, np.float64), w) <= RTOL[jnp.dtype(dtype).name], name
 
 
 @pytest.mark.parametrize("impl", ["einsum", "xla"])
