@@ -44,16 +44,19 @@ def adapter(xd: Array, a: Array, b: Array, scale: float) -> Array:
     projection and step: a quarter of a LoRA training step on CPU, for two rank-R weight
     gradients. Written out, each weight gradient is one product over the flattened token
     axis (``h^T dy``, ``xd^T dh``) that no backend needs to transpose a large operand for.
+    Every product sums in ``acc_dtype`` and rounds once to the compute dtype: a bf16 product
+    with a bf16 result is one XLA's CPU backend widens to float32 first.
     """
-    h = xd @ a  # [...,I] @ [I,R] -> [...,R]
-    return scale * (h @ b)  # [...,R] @ [R,O] -> [...,O]
+    return _adapter_fwd(xd, a, b, scale)[0]
 
 
 def _adapter_fwd(
     xd: Array, a: Array, b: Array, scale: float
 ) -> tuple[Array, tuple[Array, Array, Array, Array]]:
-    h = xd @ a  # [...,I] @ [I,R] -> [...,R]
-    return scale * (h @ b), (xd, h, a, b)  # [...,O]; residuals: the input and the rank-R h
+    acc = acc_dtype(xd.dtype)
+    h = jnp.einsum("...I,IR->...R", xd, a, preferred_element_type=acc).astype(xd.dtype)
+    y = scale * jnp.einsum("...R,RO->...O", h, b, preferred_element_type=acc)  # [...,O]
+    return y.astype(xd.dtype), (xd, h, a, b)  # residuals: the input and the rank-R h
 
 
 def _adapter_bwd(
@@ -65,13 +68,14 @@ def _adapter_bwd(
     """
     xd, h, a, b = res
     acc = acc_dtype(dy.dtype)
-    dh = scale * jnp.einsum("...O,RO->...R", dy, b)  # [...,O] -> [...,R]
+    dh = scale * jnp.einsum("...O,RO->...R", dy, b, preferred_element_type=acc)  # [...,R]
+    dh = dh.astype(dy.dtype)
     hm, dym = h.reshape(-1, h.shape[-1]), dy.reshape(-1, dy.shape[-1])  # [M,R], [M,O]
     db = scale * jnp.einsum("MR,MO->RO", hm, dym, preferred_element_type=acc)  # [R,O]
     xm, dhm = xd.reshape(-1, xd.shape[-1]), dh.reshape(-1, dh.shape[-1])  # [M,I], [M,R]
     da = jnp.einsum("MI,MR->IR", xm, dhm, preferred_element_type=acc)  # [I,R]
-    dxd = jnp.einsum("...R,IR->...I", dh, a)  # [...,R] -> [...,I]
-    return dxd, da.astype(a.dtype), db.astype(b.dtype)
+    dxd = jnp.einsum("...R,IR->...I", dh, a, preferred_element_type=acc)  # [...,R] -> [...,I]
+    return dxd.astype(xd.dtype), da.astype(a.dtype), db.astype(b.dtype)
 
 
 adapter.defvjp(_adapter_fwd, _adapter_bwd)

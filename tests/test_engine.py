@@ -17,6 +17,8 @@ import pytest
 from flax import nnx
 
 from jax_impl.attention import attention_mask, sdpa
+from jax_impl.layers import linear
+from jax_impl.lora import adapter
 from jax_impl.model import (
     CPU_BF16_ENV,
     EngineConfig,
@@ -35,6 +37,8 @@ from jax_impl.train.trainer import (
 from ref_numpy.attention import attention_mask as spec_attention_mask
 from ref_numpy.attention import sdpa_backward, sdpa_forward
 from ref_numpy.config import LoraConfig, ModelConfig, llama_config
+from ref_numpy.lora import dense_backward as spec_dense_backward
+from ref_numpy.lora import dense_forward as spec_dense_forward
 from ref_numpy.model import model_forward
 from tests.helpers import RTOL, rel_err
 from tests.test_model import CONFIGS, V, random_params
@@ -101,17 +105,54 @@ def test_einsum_attention_products_take_the_compute_dtype() -> None:
         out, vjp = jax.vjp(lambda q, k, v: sdpa(q, k, v, jnp.asarray(mask), "einsum"), q, k, v)
         return (out, *vjp(d))
 
-    for dtype, short in ((jnp.float32, "f32"), (jnp.bfloat16, "bf16")):
+    for dtype in (jnp.float32, jnp.bfloat16):
         args = [jnp.asarray(a, dtype) for a in (q, k, v, dout)]
-        text = jax.jit(out_and_grads).lower(*args).as_text()
-        dots = re.findall(r"stablehlo\.dot_general.*:\s*\((.*)\)\s*->\s*(\S+)$", text, re.M)
-        assert len(dots) == 6, dots
-        for operands, result in dots:
-            assert re.findall(r"x(bf16|f32)>", operands) == [short, short], operands
-            assert result.endswith("xf32>"), result
+        assert _products(out_and_grads, *args) == [(dtype, "float32")] * 6
         got = jax.jit(out_and_grads)(*args)
         for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
             assert rel_err(np.asarray(g, np.float64), w) <= RTOL[jnp.dtype(dtype).name], name
+
+
+def test_adapter_products_take_the_compute_dtype() -> None:
+    """The adapter's two forward and four backward products take operands in the compute
+    dtype and sum in float32, and give the spec's ``dense_forward`` and
+    ``dense_backward`` to the dtype's accuracy. A product left in bf16 sums would be widened
+    to float32 by XLA's CPU backend, the rate the adapters ran at before."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2, 24, 40))  # [B,T,I]
+    kernel = rng.normal(size=(40, 56)) / 6  # [I,O]
+    a, b = rng.normal(size=(40, 4)) / 6, rng.normal(size=(4, 56))  # [I,R], [R,O]
+    dout = rng.normal(size=(2, 24, 56))  # [B,T,O]
+    scale = 2.0
+    y_ref, cache = spec_dense_forward(x, {"kernel": kernel, "lora_A": a, "lora_B": b}, scale)
+    dx_ref, grads_ref = spec_dense_backward(dout, cache, train_base=False)
+    want = (y_ref, dx_ref, grads_ref["lora_A"], grads_ref["lora_B"])
+
+    def out_and_grads(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, d: jax.Array) -> Any:
+        y, vjp = jax.vjp(lambda x, a, b: linear(x, w) + adapter(x, a, b, scale), x, a, b)
+        return (y, *vjp(d))
+
+    for dtype in (jnp.float32, jnp.bfloat16):
+        args = [jnp.asarray(t, dtype) for t in (x, kernel, a, b, dout)]
+        # the base's forward and input gradient, the adapter's two forward and four backward
+        assert _products(out_and_grads, *args) == [(dtype, "float32")] * 8
+        got = jax.jit(out_and_grads)(*args)
+        for name, g, w in zip(("y", "dx", "dA", "dB"), got, want, strict=True):
+            assert rel_err(np.asarray(g, np.float64), w) <= RTOL[jnp.dtype(dtype).name], name
+
+
+def _products(fn: Any, *args: jax.Array) -> list[tuple[Any, str]]:
+    """Each matrix product in ``fn``'s lowered program: (its operands' dtype, its result's)."""
+    text = jax.jit(fn).lower(*args).as_text()
+    names = {"f32": "float32", "bf16": "bfloat16", "f64": "float64"}
+    found = []
+    for operands, result in re.findall(
+        r"stablehlo\.dot_general.*:\s*\((.*)\)\s*->\s*(\S+)$", text, re.M
+    ):
+        kinds = {names[k] for k in re.findall(r"x(f32|bf16|f64)>", operands)}
+        assert len(kinds) == 1, operands  # both operands in one dtype
+        found.append((jnp.dtype(kinds.pop()), names[re.findall(r"x(f32|bf16|f64)>", result)[0]]))
+    return found
 
 
 @pytest.mark.parametrize("impl", ["einsum", "xla"])
