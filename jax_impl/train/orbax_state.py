@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -283,9 +284,7 @@ class TrainCheckpoints:
         save left (its temporary directory, or the step without its checksums)."""
         step = self._unsealed if step is None else step
         self._unsealed, self._failed = None, True
-        for entry in list(self.directory.iterdir()) if self.directory.is_dir() else []:
-            if TMP_SUFFIX in entry.name:
-                shutil.rmtree(entry, ignore_errors=True)
+        self._remove_temporaries()
         code = _errno(e)
         if code is None:
             code, cause = errno.EIO, " ".join(str(e).split())[:300]
@@ -299,14 +298,31 @@ class TrainCheckpoints:
         )
         return OSError(code, cause + note, str(where))
 
+    def _remove_temporaries(self) -> None:
+        """Delete what unfinished saves left: orbax's temporary step directories."""
+        for entry in list(self.directory.iterdir()) if self.directory.is_dir() else []:
+            if TMP_SUFFIX in entry.name:
+                shutil.rmtree(entry, ignore_errors=True)
+
     def close(self) -> None:
-        """Finish pending saves (writing their checksums) and release the manager's threads."""
+        """Finish pending saves (writing their checksums) and release the manager's threads.
+
+        After a failed save, its temporaries are removed once more when orbax's writer threads
+        have ended: one still writing an item (its arrays, its shardings, its metadata) when
+        another item failed can create files after the failure's own cleanup, and closing the
+        manager does not wait for it."""
         try:
             if not self._failed:
                 self.wait()
         finally:
             with contextlib.suppress(Exception) if self._failed else contextlib.nullcontext():
                 self.manager.close()
+            if self._failed:
+                for thread in threading.enumerate():
+                    if type(thread).__module__.startswith("orbax.") and thread.is_alive():
+                        with contextlib.suppress(Exception):  # its failure is reported already
+                            thread.join(timeout=60)  # orbax's join raises what the thread raised
+                self._remove_temporaries()
 
     def __enter__(self) -> TrainCheckpoints:
         return self
