@@ -107,7 +107,7 @@ def test_einsum_attention_products_take_the_compute_dtype() -> None:
 
     for dtype in (jnp.float32, jnp.bfloat16):
         args = [jnp.asarray(a, dtype) for a in (q, k, v, dout)]
-        assert _products(out_and_grads, *args) == [(dtype, "float32")] * 6
+        assert _products(out_and_grads, *args) == [(jnp.dtype(dtype).name, "float32")] * 6
         got = jax.jit(out_and_grads)(*args)
         for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
             assert rel_err(np.asarray(g, np.float64), w) <= RTOL[jnp.dtype(dtype).name], name
@@ -135,23 +135,24 @@ def test_adapter_products_take_the_compute_dtype() -> None:
     for dtype in (jnp.float32, jnp.bfloat16):
         args = [jnp.asarray(t, dtype) for t in (x, kernel, a, b, dout)]
         # the base's forward and input gradient, the adapter's two forward and four backward
-        assert _products(out_and_grads, *args) == [(dtype, "float32")] * 8
+        assert _products(out_and_grads, *args) == [(jnp.dtype(dtype).name, "float32")] * 8
         got = jax.jit(out_and_grads)(*args)
         for name, g, w in zip(("y", "dx", "dA", "dB"), got, want, strict=True):
             assert rel_err(np.asarray(g, np.float64), w) <= RTOL[jnp.dtype(dtype).name], name
 
 
-def _products(fn: Any, *args: jax.Array) -> list[tuple[Any, str]]:
+def _products(fn: Any, *args: jax.Array) -> list[tuple[str, str]]:
     """Each matrix product in ``fn``'s lowered program: (its operands' dtype, its result's)."""
     text = jax.jit(fn).lower(*args).as_text()
     names = {"f32": "float32", "bf16": "bfloat16", "f64": "float64"}
+    dtype = re.compile(r"x(f32|bf16|f64)>")
     found = []
     for operands, result in re.findall(
         r"stablehlo\.dot_general.*:\s*\((.*)\)\s*->\s*(\S+)$", text, re.M
     ):
-        kinds = {names[k] for k in re.findall(r"x(f32|bf16|f64)>", operands)}
+        kinds = {names[k] for k in dtype.findall(operands)}
         assert len(kinds) == 1, operands  # both operands in one dtype
-        found.append((jnp.dtype(kinds.pop()), names[re.findall(r"x(f32|bf16|f64)>", result)[0]]))
+        found.append((kinds.pop(), names[dtype.findall(result)[0]]))
     return found
 
 
