@@ -91,10 +91,13 @@ CPU_BF16_ENV = "QLORA_SPEC_CPU_BF16"
 def cpu_bf16_units(path: str = "/proc/cpuinfo") -> bool:
     """Whether this machine's CPU multiplies bf16 in hardware (one of ``BF16_CPU_FLAGS`` among
     the flags ``path`` lists); False where the file cannot be read (not Linux). The
-    environment variable ``QLORA_SPEC_CPU_BF16`` set to ``0`` or ``1`` decides instead."""
-    env = os.environ.get(CPU_BF16_ENV)
+    environment variable ``QLORA_SPEC_CPU_BF16`` set to ``0`` or ``1`` decides instead (any
+    other non-empty value is a ValueError)."""
+    env = os.environ.get(CPU_BF16_ENV, "").strip()
     if env in ("0", "1"):
         return env == "1"
+    if env:
+        raise ValueError(f"{CPU_BF16_ENV}={env!r}: expected 0 or 1 (or unset, to read {path})")
     try:
         with open(path) as f:
             words = set(f.read().split())

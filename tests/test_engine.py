@@ -370,6 +370,18 @@ def test_cpu_bf16_units_read_the_cpu_flags(
         assert cpu_bf16_units(str(tmp_path / "missing")) is False
 
 
+def test_cpu_bf16_env_takes_only_0_or_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A misspelt override is an error naming the variable, not a silent read of the CPU."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu amx_bf16\n")
+    for value in ("true", "yes", "2"):
+        monkeypatch.setenv(CPU_BF16_ENV, value)
+        with pytest.raises(ValueError, match=f"{CPU_BF16_ENV}='{value}': expected 0 or 1"):
+            cpu_bf16_units(str(cpuinfo))
+    monkeypatch.setenv(CPU_BF16_ENV, "")  # empty is unset: the CPU's flags decide
+    assert cpu_bf16_units(str(cpuinfo)) is True
+
+
 def test_explicit_cudnn_needs_a_gpu_and_bfloat16() -> None:
     with pytest.raises(ValueError, match=r"--attention\) cudnn: .* backend is 'cpu'"):
         EngineConfig(attention="cudnn").resolve(WIDE, "cpu")
