@@ -114,8 +114,36 @@ def _matmul_bwd(out_dtype: Any, res: tuple[Array, Array], dy: Array) -> tuple[Ar
     dy = dy.astype(x.dtype)  # [...,O] in the compute dtype
     dx = jnp.einsum("...O,IO->...I", dy, w, preferred_element_type=acc)  # [...,O] -> [...,I]
     xm, dym = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # [M,I], [M,O]
-    dw = jnp.einsum("MI,MO->IO", xm, dym, preferred_element_type=acc)  # [I,O]
+    dw = token_sum_product(xm, dym)  # [I,O]
     return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+def token_sum_product(a: Array, b: Array) -> Array:
+    """``a^T @ b`` summed over the token axis M in ``acc_dtype``: [M, P], [M, Q] -> [P, Q].
+
+    Every weight gradient is this product. XLA's CPU backend gives YNNPACK (and so AMX) only
+    products whose left operand has the summed axis last in memory; it computes a bf16
+    ``einsum("MP,MQ->PQ")`` from float32 copies at about a fifth of the bf16 rate, and folds
+    an explicit ``a.T`` back into that form. Summing over the tokens as two axes,
+    ``[P, M/2, 2] x [M/2, 2, Q]``, makes XLA lay out ``a`` transposed in memory and hand the
+    product to YNNPACK: 2-6x faster for bf16 operands on a CPU with AMX. Float32, odd M and
+    other backends keep the plain product.
+    """
+    acc = acc_dtype(a.dtype)
+    m = a.shape[0]
+
+    def plain() -> Array:
+        return jnp.einsum("MP,MQ->PQ", a, b, preferred_element_type=acc)  # [P,Q]
+
+    if a.dtype != jnp.bfloat16 or m % 2:
+        return plain()
+
+    def two_axes() -> Array:
+        at = a.reshape(m // 2, 2, -1).transpose(2, 0, 1)  # [M,P] -> [P,M/2,2]
+        bb = b.reshape(m // 2, 2, -1)  # [M,Q] -> [M/2,2,Q]
+        return jnp.einsum("PAB,ABQ->PQ", at, bb, preferred_element_type=acc)  # [P,Q]
+
+    return jax.lax.platform_dependent(cpu=two_axes, default=plain)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)

@@ -18,7 +18,7 @@ from flax import nnx
 from ref_numpy.config import LoraConfig
 from ref_numpy.lora import lora_a_bound
 
-from .layers import acc_dtype, linear, variable
+from .layers import acc_dtype, linear, token_sum_product, variable
 from .nf4 import NF4Kernel, dequantize_kernel
 
 Array = jax.Array
@@ -71,9 +71,9 @@ def _adapter_bwd(
     dh = scale * jnp.einsum("...O,RO->...R", dy, b, preferred_element_type=acc)  # [...,R]
     dh = dh.astype(dy.dtype)
     hm, dym = h.reshape(-1, h.shape[-1]), dy.reshape(-1, dy.shape[-1])  # [M,R], [M,O]
-    db = scale * jnp.einsum("MR,MO->RO", hm, dym, preferred_element_type=acc)  # [R,O]
+    db = scale * token_sum_product(hm, dym)  # [R,O]
     xm, dhm = xd.reshape(-1, xd.shape[-1]), dh.reshape(-1, dh.shape[-1])  # [M,I], [M,R]
-    da = jnp.einsum("MI,MR->IR", xm, dhm, preferred_element_type=acc)  # [I,R]
+    da = token_sum_product(xm, dhm)  # [I,R]
     dxd = jnp.einsum("...R,IR->...I", dh, a, preferred_element_type=acc)  # [...,R] -> [...,I]
     return dxd.astype(xd.dtype), da.astype(a.dtype), db.astype(b.dtype)
 
