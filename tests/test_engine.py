@@ -151,19 +151,20 @@ def test_weight_gradient_products_keep_bf16_operands(
     ``"MP,MQ->PQ"`` form does, at a fifth of the bf16 rate). An odd token count keeps the
     plain form."""
     rng = np.random.default_rng(3)
-    a, b = rng.normal(size=(m, 40)), rng.normal(size=(m, 24))  # [M,P], [M,Q]
-    want = a.T @ b  # [P,Q]
-    for dtype in (jnp.float32, jnp.bfloat16):
-        args = [jnp.asarray(t, dtype) for t in (a, b)]
-        exact = [np.asarray(t, np.float64) for t in args]
-        got = jax.jit(token_sum_product)(*args)
-        assert got.dtype == jnp.float32
-        assert rel_err(np.asarray(got, np.float64), exact[0].T @ exact[1]) <= 1e-6
-        assert rel_err(np.asarray(got, np.float64), want) <= RTOL[jnp.dtype(dtype).name]
     monkeypatch.delenv(CPU_BF16_ENV)  # the suite's float32 default aside: this CPU's flags
-    if cpu_bf16_units():  # where YNNPACK takes bf16 products at all
-        compiled = jax.jit(token_sum_product).lower(*args).compile().as_text() or ""
-        assert _compiled_products(compiled) == [("float32" if m % 2 else "bfloat16")], compiled
+    for p, q in ((40, 24), (24, 40)):  # either operand the narrower
+        a, b = rng.normal(size=(m, p)), rng.normal(size=(m, q))  # [M,P], [M,Q]
+        want = a.T @ b  # [P,Q]
+        for dtype in (jnp.float32, jnp.bfloat16):
+            args = [jnp.asarray(t, dtype) for t in (a, b)]
+            exact = [np.asarray(t, np.float64) for t in args]
+            got = jax.jit(token_sum_product)(*args)
+            assert got.dtype == jnp.float32 and got.shape == (p, q)
+            assert rel_err(np.asarray(got, np.float64), exact[0].T @ exact[1]) <= 1e-6
+            assert rel_err(np.asarray(got, np.float64), want) <= RTOL[jnp.dtype(dtype).name]
+        if cpu_bf16_units():  # where YNNPACK takes bf16 products at all
+            compiled = jax.jit(token_sum_product).lower(*args).compile().as_text() or ""
+            assert _compiled_products(compiled) == ["float32" if m % 2 else "bfloat16"], compiled
 
 
 def _compiled_products(text: str) -> list[str]:
