@@ -167,13 +167,15 @@ def test_weight_gradient_products_keep_bf16_operands(
             assert _compiled_products(compiled) == ["float32" if m % 2 else "bfloat16"], compiled
 
 
+DTYPE_NAMES = {"f32": "float32", "bf16": "bfloat16", "f64": "float64"}  # HLO -> NumPy
+
+
 def _compiled_products(text: str) -> list[str]:
     """The operands' dtype of each matrix product in an XLA-compiled (optimised) program."""
-    names = {"f32": "float32", "bf16": "bfloat16", "f64": "float64"}
     kinds = dict(re.findall(r"%([\w.-]+) = (f32|bf16|f64)\[", text))  # value -> its dtype
     found = []
     for operands in re.findall(r"= \w+\[[^\]]*\]\S* dot\(([^)]*)\)", text):
-        dtypes = {names[kinds[name]] for name in re.findall(r"%([\w.-]+)", operands)}
+        dtypes = {DTYPE_NAMES[kinds[name]] for name in re.findall(r"%([\w.-]+)", operands)}
         assert len(dtypes) == 1, operands  # both operands in one dtype
         found.append(dtypes.pop())
     return found
@@ -182,15 +184,14 @@ def _compiled_products(text: str) -> list[str]:
 def _products(fn: Any, *args: jax.Array) -> list[tuple[str, str]]:
     """Each matrix product in ``fn``'s lowered program: (its operands' dtype, its result's)."""
     text = jax.jit(fn).lower(*args).as_text()
-    names = {"f32": "float32", "bf16": "bfloat16", "f64": "float64"}
     dtype = re.compile(r"x(f32|bf16|f64)>")
     found = []
     for operands, result in re.findall(
         r"stablehlo\.dot_general.*:\s*\((.*)\)\s*->\s*(\S+)$", text, re.M
     ):
-        kinds = {names[k] for k in dtype.findall(operands)}
+        kinds = {DTYPE_NAMES[k] for k in dtype.findall(operands)}
         assert len(kinds) == 1, operands  # both operands in one dtype
-        found.append((kinds.pop(), names[dtype.findall(result)[0]]))
+        found.append((kinds.pop(), DTYPE_NAMES[dtype.findall(result)[0]]))
     return found
 
 
