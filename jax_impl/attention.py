@@ -92,6 +92,22 @@ def layer_windows(cfg: ModelConfig) -> Array | None:
     return jnp.asarray(windows, jnp.int32)
 
 
+def cache_dtype(dtype: Any, platform: str) -> jnp.dtype:
+    """The dtype a ``KVCache`` stores under compute ``dtype`` on ``platform`` (``"cpu"``,
+    ``"gpu"``, ``"tpu"``): the compute dtype, except that a CPU stores a float narrower than
+    float32 as float32.
+
+    XLA's CPU backend has no bf16 or fp16 arithmetic and emulates such an update in float32:
+    a ``dynamic_update_slice`` of one position into a bf16 buffer becomes a conversion of the
+    whole buffer to float32 and back, every layer and every token. On a float32 buffer the
+    update is in place. A decode step then attends in float32 as well (``Attention``), which
+    converts nothing; the stored values are the compute dtype's, exactly.
+    """
+    dtype = jnp.dtype(dtype)
+    narrow = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4
+    return jnp.dtype(jnp.float32) if platform == "cpu" and narrow else dtype
+
+
 class KVCache(NamedTuple):
     """The keys and values of every layer for S preallocated positions (a pytree).
 
@@ -120,7 +136,8 @@ class KVCache(NamedTuple):
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any) -> KVCache:
-        """An empty cache of ``size`` positions for ``batch`` rows of ``cfg``'s model."""
+        """An empty cache of ``size`` positions for ``batch`` rows of ``cfg``'s model, stored
+        in ``dtype`` (``cache_dtype`` of the compute dtype and platform)."""
         c = batch * cfg.n_kv
         k = tuple(jnp.zeros((c, cfg.hd, size), dtype) for _ in range(cfg.n_layers))  # [C,H,S]
         v = tuple(jnp.zeros((c, size, cfg.hd), dtype) for _ in range(cfg.n_layers))  # [C,S,H]
@@ -366,12 +383,16 @@ class Attention(nnx.Module):
         impl = self.impl
         if cache is not None:
             cache = cache.write(layer, k, v)  # the layer's buffers: T positions written
-            kt = cache.k[layer].astype(q.dtype)  # [C,H,S]
-            vh = cache.v[layer].astype(q.dtype)  # [C,S,H]
+            # One new position attends in the buffers' dtype, wider than the compute dtype on
+            # a CPU (``cache_dtype``), where converting the buffers would cost a pass over
+            # them per token; a prompt converts them once for its larger products.
+            cd = jnp.promote_types(q.dtype, cache.k[layer].dtype) if t == 1 else q.dtype
+            kt = cache.k[layer].astype(cd)  # [C,H,S]
+            vh = cache.v[layer].astype(cd)  # [C,S,H]
             # Every path attends with the einsum products on the buffers as they lie: cuDNN's
             # flash kernel wants T == S, and the XLA path takes keys and values position-major,
             # a transpose of the whole cache on every token.
-            o = attend_cache(q, kt, vh, mask)  # [B,T,N,H]
+            o = attend_cache(q.astype(cd), kt, vh, mask).astype(q.dtype)  # [B,T,N,H]
         elif impl == "einsum" and t > 1:
             # Without a cache every mask is causal (padding, packing and windows only take
             # keys away), so the first C queries see only the first C keys: a quarter of the

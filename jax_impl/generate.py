@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import KVCache
+from .attention import KVCache, cache_dtype
 from .model import Model
 
 Array = jax.Array
@@ -110,7 +110,15 @@ def sample_token(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "cache_len", "greedy", "use_top_k", "use_top_p")
+    jax.jit,
+    static_argnames=(
+        "graphdef",
+        "cache_len",
+        "cache_dtype",
+        "greedy",
+        "use_top_k",
+        "use_top_p",
+    ),
 )
 def _decode(
     graphdef: Any,
@@ -128,6 +136,7 @@ def _decode(
     stop_valid: Array,
     *,
     cache_len: int,
+    cache_dtype: Any,
     greedy: bool,
     use_top_k: bool,
     use_top_p: bool,
@@ -142,7 +151,7 @@ def _decode(
     TRACES[(b, p, cache_len)] += 1  # runs only while tracing
     model = nnx.merge(graphdef, state)
     sizes = cache_sizes(p, cache_len)
-    cache = KVCache.zeros(model.cfg, b, sizes[0], model.eng.dtype)  # L x [C,H,S], [C,S,H]
+    cache = KVCache.zeros(model.cfg, b, sizes[0], cache_dtype)  # L x [C,H,S], [C,S,H]
     layers = model.layer_states()  # sliced out of the stack once, not on every token
     x, cache = model.hidden_states(prompt, cache=cache, layer_states=layers)  # [B,P,D]
     x = jax.lax.dynamic_index_in_dim(x, t0 - 1, axis=1)  # [B,1,D]: the last real token
@@ -257,6 +266,7 @@ def generate(
         valid[i, width - len(s) :] = True
 
     graphdef, state = nnx.split(model)
+    platform = next(iter(jax.tree.leaves(state)[0].devices())).platform  # where it decodes
     i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
     out, n = _decode(
         graphdef,
@@ -273,6 +283,7 @@ def generate(
         jnp.asarray(stops),
         jnp.asarray(valid),
         cache_len=cache_len,
+        cache_dtype=cache_dtype(model.eng.dtype, platform),
         greedy=temperature == 0,
         use_top_k=top_k is not None,
         use_top_p=top_p is not None,

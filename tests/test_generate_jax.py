@@ -5,7 +5,9 @@ shape bucket; eos and stop handling; sampling filters and seeds."""
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 
 from jax_impl import generate as G
-from jax_impl.attention import KVCache
+from jax_impl.attention import KVCache, cache_dtype
 from jax_impl.model import EngineConfig, Model, from_spec
 from ref_numpy import generate as R
 from ref_numpy import lora as LR
@@ -21,8 +23,10 @@ from ref_numpy.config import LoraConfig
 from ref_numpy.lora import merge_lora
 from ref_numpy.model import model_forward
 from ref_numpy.nf4 import NF4Tensor, dequantize_kernel
+from tests.helpers import RTOL, rel_err
 from tests.test_model import CONFIGS, V, random_params
-from tests.test_parity import make_case
+from tests.test_parity import engine as parity_engine
+from tests.test_parity import make_case, round_floats
 
 
 @pytest.fixture
@@ -147,6 +151,69 @@ def test_growing_cache_equals_spec(
         G._decode.clear_cache()
     np.testing.assert_array_equal(bad[:, :65], want[:, :65])  # the 64-slot loop: same tokens
     assert (bad[:, 65:] != want[:, 65:]).any()
+
+
+def test_cache_dtype() -> None:
+    """A CPU stores the cache of bf16 and fp16 compute in float32; other platforms, and float32
+    and float64 compute, store the compute dtype."""
+    assert cache_dtype(jnp.bfloat16, "cpu") == jnp.float32
+    assert cache_dtype("float16", "cpu") == jnp.float32
+    assert cache_dtype(jnp.float32, "cpu") == jnp.float32
+    assert cache_dtype(jnp.float64, "cpu") == jnp.float64
+    for platform in ("gpu", "tpu"):
+        assert cache_dtype(jnp.bfloat16, platform) == jnp.bfloat16
+        assert cache_dtype(jnp.float32, platform) == jnp.float32
+
+
+def compiled_decode(model: Model, prompt: np.ndarray, new: int) -> str:
+    """The compiled text of the decode program ``generate`` runs for these arguments."""
+    calls: list[tuple[Any, Any]] = []
+    decode = G._decode
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append((args, kwargs))
+        return decode(*args, **kwargs)
+
+    G._decode = spy  # type: ignore[assignment]
+    try:
+        G.generate(model, prompt, new)
+    finally:
+        G._decode = decode
+    args, kwargs = calls[0]
+    return decode.lower(*args, **kwargs).compile().as_text()
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-rope3", "gpt2"])
+def test_bfloat16_decoding_on_cpu(name: str) -> None:
+    """bf16 compute on a CPU, grouped (Llama) and one kv head per query head (GPT-2).
+
+    A decode step, attending in float32 over the float32 cache, gives the spec's logits to
+    the bf16 tolerance; the cache holds the bf16 keys and values exactly. The compiled decode
+    program writes the cache in place: a bf16 cache got a ``dynamic_update_slice`` of a
+    converted buffer from XLA's CPU backend, the whole buffer widened to float32 and back for
+    each layer, buffer and token.
+    """
+    rng = np.random.default_rng(3)
+    params, cfg, _ = make_case(name, "full", rng, spread=0.3)
+    params = round_floats(params, jnp.bfloat16)
+    model = parity_engine(params, cfg, None, jnp.float32, "full", compute=jnp.bfloat16)
+    ids = rng.integers(0, V, size=(2, 9))
+    want, _ = model_forward(params, cfg, ids)  # [B,9,V]
+    store = cache_dtype(jnp.bfloat16, "cpu")
+    _, cache = model(jnp.asarray(ids[:, :8]), cache=KVCache.zeros(cfg, 2, 16, store))
+    k = np.asarray(cache.k[0])  # [C,H,S] float32
+    assert k.dtype == np.float32 and np.abs(k).max() > 0
+    np.testing.assert_array_equal(k, np.asarray(cache.k[0].astype(jnp.bfloat16), np.float32))
+    step, _ = model(jnp.asarray(ids[:, 8:]), cache=cache)  # [B,1,V]
+    assert rel_err(np.asarray(step[:, 0], np.float64), want[:, -1]) <= RTOL["bfloat16"]
+
+    if jax.default_backend() != "cpu":
+        return
+    text = compiled_decode(model, ids[:, :8], cfg.max_seq_len - 8)
+    updates = re.findall(r"dynamic-update-slice\((%[\w.-]+)", text)  # each one's buffer
+    assert len(updates) >= 2 * cfg.n_layers  # keys and values of every layer
+    widened = [u for u in updates if u.startswith("%convert")]
+    assert not widened, f"cache updates on converted buffers: {widened}"
 
 
 def test_generate_many_equals_one_by_one(rng: np.random.Generator, x64: None) -> None:

@@ -54,6 +54,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 from jax.stages import Wrapped
 
 from jax_impl import generate
+from jax_impl.attention import cache_dtype
 from jax_impl.model import REMAT_POLICIES, EngineConfig, Model
 from jax_impl.positional import rope_tables
 from jax_impl.train import trainer as trainer_module
@@ -305,7 +306,13 @@ def test_decode_lowers(method: str, platform: str) -> None:
         jax.ShapeDtypeStruct((4, 4), jnp.bool_),  # their real entries
     )
     assert generate.cache_sizes(4, 128) == (64, 128)
-    static = dict(cache_len=128, greedy=False, use_top_k=True, use_top_p=True)
+    static = dict(
+        cache_len=128,
+        cache_dtype=cache_dtype(model.eng.dtype, platform),
+        greedy=False,
+        use_top_k=True,
+        use_top_p=True,
+    )
     exported = lower(generate._decode, args, platform, **static)
     assert exported.platforms == (platform,)
     assert [a.shape for a in exported.out_avals] == [(B, 129), ()]  # tokens [B, S + 1], count
