@@ -6,6 +6,11 @@ built in transformers and saved with ``save_pretrained``; the engine loads the s
 prompts (B x T0, T0 = 32) by NEW = 128 new tokens, greedy, cache on, no eos, at each batch
 size of ``--batches`` (B = 1 and B = 8 by default).
 
+``--dtype bf16`` (or ``bfloat16``) adds a bf16 pair to every round and batch size, as a CPU
+user with bf16 matrix units (AMX, AVX512-BF16) decodes: the engine with
+``EngineConfig(dtype="bfloat16")``, what ``dtype="auto"`` resolves to on such a CPU, the peer
+with the model loaded in bfloat16. Both ratios are printed, float32 / float32 and bf16 / bf16.
+
 Each side runs in a fresh process of its own (the engine under ``glibc.malloc.hugetlb=1``, as
 ``qlora-spec`` runs), warms up once (compilation excluded) and takes the median of
 ``--timed`` runs; the sides alternate (engine first in odd rounds) for ``--rounds`` rounds.
@@ -15,6 +20,7 @@ line has the median ratio per batch size. Run:
 
     python bench/decode.py            # needs torch and transformers (the interop extra)
     python bench/decode.py --batches 1 --rounds 5
+    python bench/decode.py --dtype bf16
 """
 
 from __future__ import annotations
@@ -75,23 +81,26 @@ def save_model(path: str) -> None:
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
 
 
-def engine_side(path: str, ids: np.ndarray, new: int, n: int) -> tuple[dict, np.ndarray]:
+def engine_side(
+    path: str, ids: np.ndarray, new: int, n: int, dtype: str
+) -> tuple[dict, np.ndarray]:
     import jax
 
     from jax_impl.generate import generate
     from jax_impl.model import EngineConfig
     from jax_impl.train.checkpoint import load_pretrained
 
-    _, model = load_pretrained(path, eng=EngineConfig(dtype="float32"))
+    _, model = load_pretrained(path, eng=EngineConfig(dtype=dtype))  # type: ignore[arg-type]
     times, out = timed(lambda: generate(model, ids, new), n)
     return {"jax": jax.__version__, "backend": jax.default_backend(), "times": times}, out
 
 
-def peer_side(path: str, ids: np.ndarray, new: int, n: int) -> tuple[dict, np.ndarray]:
+def peer_side(path: str, ids: np.ndarray, new: int, n: int, dtype: str) -> tuple[dict, np.ndarray]:
     import torch
     import transformers
 
-    peer = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    peer = transformers.LlamaForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    peer.eval()
     x = torch.as_tensor(ids)
 
     def run() -> np.ndarray:
@@ -116,11 +125,12 @@ def run_side(args: argparse.Namespace) -> None:
     """One side at one batch size in this process: a JSON line, the tokens to a .npy file."""
     ids = prompt(args.batch, args.t0)
     side = engine_side if args.side == "engine" else peer_side
-    row, out = side(args.model, ids, args.new, args.timed)
+    dtype = "float32" if args.dtype == "float32" else "bfloat16"
+    row, out = side(args.model, ids, args.new, args.timed, dtype)
     np.save(args.tokens, out[:, args.t0 :])
     med = statistics.median(row["times"])
     row.update(s_per_generate=med, tokens_per_s=args.batch * args.new / med)
-    print(json.dumps({"side": args.side, "B": args.batch, **row}))
+    print(json.dumps({"side": args.side, "dtype": dtype, "B": args.batch, **row}))
 
 
 def main() -> None:
@@ -130,6 +140,13 @@ def main() -> None:
     p.add_argument("--t0", type=int, default=32, help="prompt length T0")
     p.add_argument("--new", type=int, default=128, help="new tokens per row")
     p.add_argument("--timed", type=int, default=5, help="timed generate calls per process")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bf16", "bfloat16"],
+        default="float32",
+        help="float32: one float32 pair per round and batch size; bf16 (bfloat16): a bf16 pair "
+        "too, the peer's model loaded in bfloat16",
+    )
     p.add_argument("--side", choices=["engine", "peer"], help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -142,32 +159,40 @@ def main() -> None:
 
     envs = {"engine": with_huge_pages(os.environ) or dict(os.environ), "peer": dict(os.environ)}
     batches = [int(b) for b in args.batches.split(",")]
+    dtypes = ["float32"] if args.dtype == "float32" else ["float32", "bfloat16"]
     head = {"V": V, "D": D, "F": F, "L": L, "N": N, "K": K, "T0": args.t0, "new": args.new}
-    print(json.dumps({**head, "batches": batches, "cpus": os.cpu_count()}))
-    ratios: dict[int, list[float]] = {b: [] for b in batches}
+    print(json.dumps({**head, "batches": batches, "dtypes": dtypes, "cpus": os.cpu_count()}))
+    ratios: dict[str, list[float]] = {f"{dt} B={b}": [] for dt in dtypes for b in batches}
     with tempfile.TemporaryDirectory() as tmp:
         save_model(tmp)
         for r in range(args.rounds):
             order = ("engine", "peer") if r % 2 == 0 else ("peer", "engine")
-            for b in batches:
-                got, tokens = {}, {}
-                for side in order:
-                    out = os.path.join(tmp, f"{side}.npy")
-                    cmd = [sys.executable, os.path.abspath(__file__), "--side", side]
-                    cmd += ["--batch", str(b), "--model", tmp, "--tokens", out]
-                    cmd += ["--t0", str(args.t0), "--new", str(args.new)]
-                    cmd += ["--timed", str(args.timed)]
-                    proc = subprocess.run(cmd, capture_output=True, text=True, env=envs[side])
-                    if proc.returncode != 0:
-                        sys.exit(f"{side} side failed (exit {proc.returncode}):\n{proc.stderr}")
-                    got[side] = json.loads(proc.stdout.strip().splitlines()[-1])
-                    tokens[side] = np.load(out)
-                    print(json.dumps({"round": r + 1, **got[side]}))
-                ratios[b].append(got["engine"]["tokens_per_s"] / got["peer"]["tokens_per_s"])
-                agree = float((tokens["engine"] == tokens["peer"]).mean())
-                line = {"round": r + 1, "B": b, "ratio_engine_over_peer": ratios[b][-1]}
-                print(json.dumps({**line, "token_agreement": agree, "load": os.getloadavg()}))
-    medians = {b: statistics.median(v) for b, v in ratios.items()}
+            for dt in dtypes:
+                for b in batches:
+                    got, tokens = {}, {}
+                    for side in order:
+                        out = os.path.join(tmp, f"{side}.npy")
+                        cmd = [sys.executable, os.path.abspath(__file__), "--side", side]
+                        cmd += ["--batch", str(b), "--model", tmp, "--tokens", out]
+                        cmd += ["--t0", str(args.t0), "--new", str(args.new)]
+                        cmd += ["--timed", str(args.timed), "--dtype", dt]
+                        proc = subprocess.run(cmd, capture_output=True, text=True, env=envs[side])
+                        if proc.returncode != 0:
+                            sys.exit(f"{side} side failed (exit {proc.returncode}):\n{proc.stderr}")
+                        got[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+                        tokens[side] = np.load(out)
+                        print(json.dumps({"round": r + 1, **got[side]}))
+                    key = f"{dt} B={b}"
+                    ratios[key].append(got["engine"]["tokens_per_s"] / got["peer"]["tokens_per_s"])
+                    agree = float((tokens["engine"] == tokens["peer"]).mean())
+                    line = {
+                        "round": r + 1,
+                        "dtype": dt,
+                        "B": b,
+                        "ratio_engine_over_peer": ratios[key][-1],
+                    }
+                    print(json.dumps({**line, "token_agreement": agree, "load": os.getloadavg()}))
+    medians = {key: statistics.median(v) for key, v in ratios.items()}
     print(json.dumps({"ratios": ratios, "median_ratio": medians}))
 
 
