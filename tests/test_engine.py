@@ -149,7 +149,7 @@ def test_weight_gradient_products_keep_bf16_operands(
     float64 product to the dtype's accuracy, and on a CPU with bf16 units no product of bf16
     inputs in XLA's compiled program runs on float32 copies of them (the plain
     ``"MP,MQ->PQ"`` form does, at a fifth of the bf16 rate). An odd token count keeps the
-    plain form."""
+    plain form. Either operand may be the narrower, the one the CPU form transposes."""
     rng = np.random.default_rng(3)
     monkeypatch.delenv(CPU_BF16_ENV)  # the suite's float32 default aside: this CPU's flags
     for p, q in ((40, 24), (24, 40)):  # either operand the narrower
@@ -162,7 +162,7 @@ def test_weight_gradient_products_keep_bf16_operands(
             assert got.dtype == jnp.float32 and got.shape == (p, q)
             assert rel_err(np.asarray(got, np.float64), exact[0].T @ exact[1]) <= 1e-6
             assert rel_err(np.asarray(got, np.float64), want) <= RTOL[jnp.dtype(dtype).name]
-        if cpu_bf16_units():  # where YNNPACK takes bf16 products at all
+        if cpu_bf16_units():  # where YNNPACK takes bf16 products at all (args: bf16)
             compiled = jax.jit(token_sum_product).lower(*args).compile().as_text() or ""
             assert _compiled_products(compiled) == ["float32" if m % 2 else "bfloat16"], compiled
 
