@@ -2,21 +2,23 @@
 
 One random Llama-shaped model (V=8192, D=512, F=1376, 4 layers, 8 heads, 4 kv heads) is
 built in transformers and saved with ``save_pretrained``; the engine loads the same files with
-``load_pretrained``, so both sides run the same weights in float32. Both decode the same
+``load_pretrained``, so both sides run the same float32 weights. Both decode the same
 prompts (B x T0, T0 = 32) by NEW = 128 new tokens, greedy, cache on, no eos, at each batch
 size of ``--batches`` (B = 1 and B = 8 by default).
 
 ``--dtype bf16`` (or ``bfloat16``) adds a bf16 pair to every round and batch size, as a CPU
 user with bf16 matrix units (AMX, AVX512-BF16) decodes: the engine with
 ``EngineConfig(dtype="bfloat16")``, what ``dtype="auto"`` resolves to on such a CPU, the peer
-with the model loaded in bfloat16. Both ratios are printed, float32 / float32 and bf16 / bf16.
+with the model loaded in bfloat16. Both ratios are printed, float32 / float32 and bf16 / bf16;
+bf16 rounding flips near-tied greedy choices of the random model, so the two bf16 sides agree
+on fewer tokens than the float32 ones, as each side's bf16 run does with its own float32 run.
 
 Each side runs in a fresh process of its own (the engine under ``glibc.malloc.hugetlb=1``, as
 ``qlora-spec`` runs), warms up once (compilation excluded) and takes the median of
 ``--timed`` runs; the sides alternate (engine first in odd rounds) for ``--rounds`` rounds.
 Every process prints a JSON line; each round and batch size gets the ratio engine / peer of
 tokens per second and the share of generated tokens on which the two sides agree; the last
-line has the median ratio per batch size. Run:
+line has the median ratio per dtype and batch size. Run:
 
     python bench/decode.py            # needs torch and transformers (the interop extra)
     python bench/decode.py --batches 1 --rounds 5
