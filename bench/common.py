@@ -1,4 +1,5 @@
-"""What the benchmarks share: the model of a shape on each side, and the peer's 4-bit load.
+"""What the benchmarks share: the model of a shape on each side, the peer's 4-bit load, and the
+``--dtype`` choice of float32 and bf16 pairs.
 
 A shape is a dict with V (vocabulary), D (width), F (MLP width), L (layers), N (heads), K (kv
 heads), T (sequence length) and optionally ``tied`` (tied embeddings).
@@ -6,8 +7,28 @@ heads), T (sequence length) and optionally ``tied`` (tied embeddings).
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from typing import Any
+
+
+def add_dtype_option(p: argparse.ArgumentParser, bf16_peer: str) -> None:
+    """``--dtype``: ``float32`` runs a float32 pair of sides per round, ``bf16`` (or
+    ``bfloat16``) a bf16 pair too, its peer ``bf16_peer``; a side's own process gets the
+    dtype it runs (``run_dtypes``)."""
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bf16", "bfloat16"],
+        default="float32",
+        help=f"float32: one float32 pair per round; bf16 (bfloat16): a bf16 pair too, the peer "
+        f"{bf16_peer}",
+    )
+
+
+def run_dtypes(choice: str) -> list[str]:
+    """The compute dtypes a ``--dtype`` choice runs, float32 first; a side runs the last."""
+    return ["float32"] if choice == "float32" else ["float32", "bfloat16"]
+
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

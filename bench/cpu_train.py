@@ -51,7 +51,13 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # this checkout
 
-from bench.common import TARGETS, engine_config, peer_model  # noqa: E402
+from bench.common import (  # noqa: E402
+    TARGETS,
+    add_dtype_option,
+    engine_config,
+    peer_model,
+    run_dtypes,
+)
 
 SHAPES: dict[str, dict[str, Any]] = {
     "default": dict(V=8192, D=512, F=1376, L=4, N=8, K=4, H=64, tied=False, B=8, T=256),
@@ -133,7 +139,7 @@ def run_side(args: argparse.Namespace) -> None:
     s = SHAPES[args.shape]
     ids = np.random.default_rng(0).integers(0, s["V"], size=(s["B"], s["T"])).astype(np.int32)
     side = engine_side if args.side == "engine" else peer_side
-    dtype = "float32" if args.dtype == "float32" else "bfloat16"
+    dtype = run_dtypes(args.dtype)[-1]
     out = side(s, args.method, dtype, ids, args.warmup, args.steps)
     med = statistics.median(out["times"])
     out.update(s_per_step=med, tokens_per_s=s["B"] * s["T"] / med)
@@ -162,13 +168,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="default")
     p.add_argument("--method", choices=["lora", "qlora"], default="lora")
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bf16", "bfloat16"],
-        default="float32",
-        help="float32: one float32 pair per round; bf16 (bfloat16): a bf16 pair too, the peer "
-        "under torch.autocast",
-    )
+    add_dtype_option(p, "under torch.autocast")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of both sides")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per process")
     p.add_argument("--steps", type=int, default=8, help="timed steps per process")
@@ -184,7 +184,7 @@ def main() -> None:
     s = SHAPES[args.shape]
     from jax_impl.model import EngineConfig
 
-    dtypes = ["float32"] if args.dtype == "float32" else ["float32", "bfloat16"]
+    dtypes = run_dtypes(args.dtype)
     envs = {"engine": engine_env(not args.no_huge_pages), "peer": dict(os.environ)}
     head = {"shape": args.shape, "method": args.method, "dtypes": dtypes, **s}
     auto = EngineConfig().resolve(engine_config(s), "cpu").dtype

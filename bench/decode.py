@@ -44,6 +44,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # this checkout
 
+from bench.common import add_dtype_option, run_dtypes  # noqa: E402
+
 V, D, F, L, N, K = 8192, 512, 1376, 4, 8, 4
 
 
@@ -129,7 +131,7 @@ def run_side(args: argparse.Namespace) -> None:
     """One side at one batch size in this process: a JSON line, the tokens to a .npy file."""
     ids = prompt(args.batch, args.t0)
     side = engine_side if args.side == "engine" else peer_side
-    dtype = "float32" if args.dtype == "float32" else "bfloat16"
+    dtype = run_dtypes(args.dtype)[-1]
     row, out = side(args.model, ids, args.new, args.timed, dtype)
     np.save(args.tokens, out[:, args.t0 :])
     med = statistics.median(row["times"])
@@ -144,13 +146,7 @@ def main() -> None:
     p.add_argument("--t0", type=int, default=32, help="prompt length T0")
     p.add_argument("--new", type=int, default=128, help="new tokens per row")
     p.add_argument("--timed", type=int, default=5, help="timed generate calls per process")
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bf16", "bfloat16"],
-        default="float32",
-        help="float32: one float32 pair per round and batch size; bf16 (bfloat16): a bf16 pair "
-        "too, the peer's model loaded in bfloat16",
-    )
+    add_dtype_option(p, "with the model loaded in bfloat16")
     p.add_argument("--side", choices=["engine", "peer"], help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -163,7 +159,7 @@ def main() -> None:
 
     envs = {"engine": with_huge_pages(os.environ) or dict(os.environ), "peer": dict(os.environ)}
     batches = [int(b) for b in args.batches.split(",")]
-    dtypes = ["float32"] if args.dtype == "float32" else ["float32", "bfloat16"]
+    dtypes = run_dtypes(args.dtype)
     head = {"V": V, "D": D, "F": F, "L": L, "N": N, "K": K, "T0": args.t0, "new": args.new}
     print(json.dumps({**head, "batches": batches, "dtypes": dtypes, "cpus": os.cpu_count()}))
     ratios: dict[str, list[float]] = {f"{dt} B={b}": [] for dt in dtypes for b in batches}
