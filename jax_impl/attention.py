@@ -298,9 +298,12 @@ def _sdpa_heads_bwd(
         "BKGTS,BKGTH->BKSH", probs.astype(cd), dg, preferred_element_type=acc
     )  # [B,K,S,H]
     dprobs = jnp.einsum("BKGTH,BKSH->BKGTS", dg, vh, preferred_element_type=acc)  # [B,K,G,T,S]
-    dscores = (softmax_backward(probs, dprobs) * scale).astype(cd)  # [B,K,G,T,S]
-    dq = jnp.einsum("BKGTS,BKSH->BKGTH", dscores, kh, preferred_element_type=acc)  # [B,K,G,T,H]
-    dk = jnp.einsum("BKGTS,BKGTH->BKSH", dscores, qh, preferred_element_type=acc)  # [B,K,S,H]
+    # The score scale goes on dq and dk, [., H], not on the [., S] score gradients: XLA's CPU
+    # backend fuses the softmax backward into the product that makes dprobs, and a scalar
+    # factor there became a whole [B, K, G, T, S] array of it in memory, read by every layer.
+    dscores = softmax_backward(probs, dprobs).astype(cd)  # [B,K,G,T,S], unscaled
+    dq = scale * jnp.einsum("BKGTS,BKSH->BKGTH", dscores, kh, preferred_element_type=acc)
+    dk = scale * jnp.einsum("BKGTS,BKGTH->BKSH", dscores, qh, preferred_element_type=acc)
     return (
         _unheads(dq).astype(qh.dtype),  # [B,T,N,H]
         dk.transpose(0, 2, 1, 3).astype(kh.dtype),  # [B,S,K,H]
