@@ -176,8 +176,7 @@ class EngineConfig:
         default=512,
         metadata={
             "help": "positions per chunk of the training loss: longer rows make their float32 "
-            "[B, chunk, V] logits one chunk at a time, recomputed for the backward pass "
-            "(0: the whole row at once)"
+            "[B, chunk, V] logits one chunk at a time (0: the whole row at once)"
         },
     )
 
@@ -667,15 +666,21 @@ class Model(nnx.Module):
         compute dtype for the head's two backward products (``matmul``), as every activation
         gradient is under bf16 compute.
         """
-        cfg, eng = self.cfg, self.eng
-        if cfg.norm_order == "pre":
-            x = self.final_norm(x)  # [B,T,D]
-        if cfg.tie_embeddings:
+        dt = jnp.dtype(self.eng.dtype)
+        return matmul(self.head_input(x), self.head_kernel(), acc_dtype(dt))  # [B,T,V]
+
+    def head_input(self, x: Array) -> Array:
+        """The final norm of pre-LN models (the identity otherwise): [B, T, D] -> [B, T, D]."""
+        return self.final_norm(x) if self.cfg.norm_order == "pre" else x
+
+    def head_kernel(self) -> Array:
+        """The head's kernel [D, V] in the compute dtype (the embedding table's transpose when
+        tied)."""
+        if self.cfg.tie_embeddings:
             head = self.embed.embedding[...].T  # [V,D] -> [D,V]
         else:
             head = self.lm_head.weight()  # [D,V]
-        dt = jnp.dtype(eng.dtype)
-        return matmul(x, head.astype(dt), acc_dtype(dt))  # [B,T,D] -> [B,T,V]
+        return head.astype(jnp.dtype(self.eng.dtype))
 
 
 def causal_lm_loss(logits: Array, labels: Array) -> Array:

@@ -31,7 +31,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_impl.layers import chunked_cross_entropy, cross_entropy, rms_norm
+from jax_impl import layers
+from jax_impl.layers import acc_dtype, cross_entropy, head_cross_entropy, matmul
 from jax_impl.model import EngineConfig, Model, Remat, causal_lm_loss
 from jax_impl.nf4 import NF4Kernel, dequantize_kernel
 from ref_numpy.config import LoraConfig, attn_shapes, llama_config, mlp_shapes
@@ -166,35 +167,62 @@ def _head_case(v: int, t: int, d: int) -> tuple[jax.Array, jax.Array, jax.Array]
     return x, w, jnp.asarray(targets)
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 11, 64])
-def test_chunked_loss_equals_the_whole_one(chunk: int) -> None:
-    """Loss, count and gradients (hidden states and head) equal ``cross_entropy`` on the whole
-    logits, in float64, for chunks that do and do not divide T = 11."""
+def _whole_loss(x: jax.Array, w: jax.Array, targets: jax.Array) -> jax.Array:
+    """The summed loss on the whole logits, the head and the loss differentiated by JAX."""
+    total, count = cross_entropy(matmul(x, w, acc_dtype(x.dtype)), targets)
+    return total * count
+
+
+@pytest.mark.parametrize(("chunk", "cpu_rows"), [(0, 512), (1, 512), (4, 512), (11, 512), (0, 5)])
+def test_head_loss_equals_the_whole_one(
+    chunk: int, cpu_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``head_cross_entropy``: loss, count and gradients (hidden states alone, and hidden
+    states and head) equal autodiff of ``cross_entropy`` on the whole logits, in float64, for
+    chunks that do and do not divide T = 11, and with a CPU's rows per chunk capped below the
+    22 rows."""
+    monkeypatch.setattr(layers, "CPU_LOSS_ROWS", cpu_rows)
     with jax.enable_x64(True):
         x, w, targets = _head_case(37, 11, 10)
 
-        def head(h: jax.Array, w: jax.Array) -> jax.Array:
-            return rms_norm(h, jnp.ones(h.shape[-1]), 1e-6) @ w  # [B,C,D] -> [B,C,V]
+        def fused(x: jax.Array, w: jax.Array) -> jax.Array:
+            return head_cross_entropy(x, w, targets, chunk)[0]
 
-        def whole(x: jax.Array, w: jax.Array) -> jax.Array:
-            return cross_entropy(head(x, w), targets)[0]
-
-        def chunked(x: jax.Array, w: jax.Array) -> jax.Array:
-            return chunked_cross_entropy(x, lambda h: head(h, w), targets, chunk)[0]
-
-        want, got = jax.value_and_grad(whole, (0, 1)), jax.value_and_grad(chunked, (0, 1))
-        (lw, gw), (lc, gc) = want(x, w), jax.jit(got)(x, w)
+        lw, gw = jax.value_and_grad(_whole_loss, (0, 1))(x, w, targets)
+        lc, gc = jax.jit(jax.value_and_grad(fused, (0, 1)))(x, w)
         assert abs(float(lc) - float(lw)) <= 1e-12 * abs(float(lw))
         for a, b in zip(gc, gw, strict=True):
             assert rel_err(np.asarray(a), np.asarray(b)) <= 1e-10
-        count = chunked_cross_entropy(x, lambda h: head(h, w), targets, chunk)[1]
+        gx = jax.jit(jax.grad(fused))(x, w)  # the head frozen: no [D, V] gradient formed
+        assert rel_err(np.asarray(gx), np.asarray(gw[0])) <= 1e-10
+        total, count = head_cross_entropy(x, w, targets, chunk)  # no gradient wanted
+        assert abs(float(total) - float(lw)) <= 1e-12 * abs(float(lw))
         assert int(count) == int((np.asarray(targets) != -100).sum())
         bad = targets.at[1, 0].set((targets[1, 0] + 1) % 37)
-        moved = chunked_cross_entropy(x, lambda h: head(h, w), bad, chunk)[0]
+        moved = head_cross_entropy(x, w, bad, chunk)[0]
         assert abs(float(moved) - float(lw)) > 1e-6  # the check sees a changed target
 
 
-def test_chunked_loss_never_holds_the_whole_logits() -> None:
+def test_head_loss_under_bf16() -> None:
+    """Under bf16 compute the gradients are autodiff's through ``matmul`` (whose backward
+    rounds the logits' cotangent to bf16) to bf16's precision: the unit cotangent is rounded
+    before the loss's cotangent scales it, not after."""
+    x, w, targets = _head_case(37, 11, 10)
+    x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    g = 1.0 / 19  # the trainer's 1 / counted tokens, not a power of two
+
+    def fused(x: jax.Array, w: jax.Array) -> jax.Array:
+        return g * head_cross_entropy(x, w, targets, 4)[0]
+
+    lw, gw = jax.value_and_grad(lambda x, w: g * _whole_loss(x, w, targets), (0, 1))(x, w)
+    lc, gc = jax.jit(jax.value_and_grad(fused, (0, 1)))(x, w)
+    assert lc.dtype == jnp.float32 and abs(float(lc) - float(lw)) <= 1e-6 * abs(float(lw))
+    for a, b in zip(gc, gw, strict=True):
+        assert a.dtype == b.dtype == jnp.bfloat16
+        assert rel_err(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32))) < 1e-2
+
+
+def test_head_loss_never_holds_the_whole_logits() -> None:
     """XLA's temporaries for the gradient: a fraction of the whole [B, T, V] float32 logits."""
     x, w, targets = _head_case(8192, 256, 32)
     x, w = x.astype(jnp.float32), w.astype(jnp.float32)
@@ -206,7 +234,7 @@ def test_chunked_loss_never_holds_the_whole_logits() -> None:
             pytest.skip(f"{jax.default_backend()}: no compiled memory analysis")
         return int(m.temp_size_in_bytes)
 
-    whole = temp(lambda x, w: cross_entropy(x @ w, targets)[0])
-    chunked = temp(lambda x, w: chunked_cross_entropy(x, lambda h: h @ w, targets, 32)[0])
+    whole = temp(lambda x, w: _whole_loss(x, w, targets))
+    chunked = temp(lambda x, w: head_cross_entropy(x, w, targets, 32)[0])
     assert whole >= whole_logits, (whole, whole_logits)
     assert chunked < whole_logits / 2, (chunked, whole_logits)

@@ -16,7 +16,8 @@ The step's memory is split as users reason about it:
   to the backward pass;
 * **working sets**, live in one phase only: the forward pass (one block's products and, for
   QLoRA, its kernels dequantized), the loss (one chunk of float32 logits and their cotangent:
-  ``EngineConfig.loss_chunk``), the backward pass (the top block's saved arrays sliced from
+  ``EngineConfig.loss_chunk``, at most 512 rows on a CPU; and the gradients it forms ahead of
+  the backward pass), the backward pass (the top block's saved arrays sliced from
   the stack, what the remat policy recomputes, the cotangents), and the gradients of the
   trainable weights from the backward pass to the update.
 
@@ -52,7 +53,7 @@ from flax import nnx
 from ref_numpy.config import LoraConfig, ModelConfig, check_fields, llama_config
 from ref_numpy.formats import hf
 
-from ..layers import Frozen
+from ..layers import CPU_LOSS_ROWS, Frozen
 from ..model import EngineConfig, Model, lora_targets
 from ..nf4 import NF4State
 from ..train.sharding import MESH_AXES, RULES, MeshConfig, logical_spec, parse_mesh
@@ -493,9 +494,17 @@ def working_sets(
         kernels = sum(_proj_in(cfg, g)[n] * o for n, o in _proj_out(cfg, g).items())
         weights.append(("one layer's kernels dequantized", kernels * (4 + (c if c < 4 else 0))))
     fwd = [("gate, up products", n_up * m * g.f * c), ("SwiGLU input, output", 2 * m * g.f * c)]
+    # head_cross_entropy: one chunk of rows at a time, its logits and their cotangent, and
+    # the gradients it forms ahead of the backward pass
     chunk = eng.loss_chunk if 0 < eng.loss_chunk < t - 1 else t - 1
-    loss = [("logits and their cotangent", 2 * g.b * chunk * g.v * 4)]
+    rows = g.b * chunk
+    if platform == "cpu":
+        rows = min(rows, CPU_LOSS_ROWS)
+    loss = [("logits and their cotangent", 2 * rows * g.v * 4)]
     loss.append(("final hidden state and its cotangent", 2 * m * g.d * c))
+    loss.append(("the final hidden state's gradient, float32", m * g.d * a))
+    if lora is None:  # the trained head's
+        loss.append(("the head's gradient, float32", g.d * g.v * a))
     # the backward of the top block
     attn_part, mlp_part = block_parts(cfg, lora, eng, g)
     attn_res, mlp_res = sum(b for _, b in attn_part), sum(b for _, b in mlp_part)

@@ -44,7 +44,7 @@ from flax import nnx
 from ref_numpy.formats.files import fault_point
 from ref_numpy.preference import LossType, check_preference_args
 
-from ..layers import chunked_cross_entropy, cross_entropy
+from ..layers import head_cross_entropy
 from ..model import Model
 from ..preference import REWARD_METRICS, preference_loss_sum, reward_sums, sequence_logps
 
@@ -197,12 +197,9 @@ def token_loss_sum(
         dropout_key=key,
     )  # [B,T,D]
     x, targets = x[:, :-1], batch["labels"][:, 1:]  # position t predicts label t + 1
-    chunk = model.eng.loss_chunk
-    if 0 < chunk < x.shape[1]:  # never the whole [B, T, V] logits
-        loss, count = chunked_cross_entropy(x, model.logits, targets, chunk)
-    else:
-        loss, count = cross_entropy(model.logits(x), targets)
-    return loss * count, count
+    return head_cross_entropy(
+        model.head_input(x), model.head_kernel(), targets, model.eng.loss_chunk
+    )
 
 
 def batch_logps(
