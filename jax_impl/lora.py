@@ -10,7 +10,6 @@ are plain ``nnx.Param``. The base weight keeps its path (``.../q_proj/kernel``) 
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +36,9 @@ def dropout_mask(keep: Array, rate: float, dtype: jnp.dtype) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def adapter(xd: Array, a: Array, b: Array, scale: float) -> Array:
-    """The adapter's term ``scale * (xd @ A) @ B``: [..., I], [I, R], [R, O] -> [..., O]; the
-    one an NF4 base (``nf4_linear``) is summed with.
+    """The adapter's term ``scale * (xd @ A) @ B``: [..., I], [I, R], [R, O] -> [..., O].
 
-    Its backward is the spec's ``dense_backward`` written out (``_adapter_grads``) instead of
+    Its backward is the spec's ``dense_backward`` written out (``_adapter_bwd``) instead of
     left to autodiff. JAX differentiates ``h @ B`` into a product that XLA's CPU backend
     serves by transposing the whole ``[..., O]`` cotangent in memory first, once per adapted
     projection and step: a quarter of a LoRA training step on CPU, for two rank-R weight
@@ -52,25 +50,23 @@ def adapter(xd: Array, a: Array, b: Array, scale: float) -> Array:
     return _adapter_fwd(xd, a, b, scale)[0]
 
 
-def _adapter_terms(xd: Array, a: Array, b: Array, scale: float) -> tuple[Array, Array]:
-    """``(scale * h @ B [..., O] in acc_dtype, h = xd @ A [..., R] in xd's dtype)``."""
-    acc = acc_dtype(xd.dtype)
-    h = jnp.einsum("...I,IR->...R", xd, a, preferred_element_type=acc).astype(xd.dtype)
-    return scale * jnp.einsum("...R,RO->...O", h, b, preferred_element_type=acc), h
-
-
 def _adapter_fwd(
     xd: Array, a: Array, b: Array, scale: float
 ) -> tuple[Array, tuple[Array, Array, Array, Array]]:
-    y, h = _adapter_terms(xd, a, b, scale)  # [...,O], [...,R]
+    acc = acc_dtype(xd.dtype)
+    h = jnp.einsum("...I,IR->...R", xd, a, preferred_element_type=acc).astype(xd.dtype)
+    y = scale * jnp.einsum("...R,RO->...O", h, b, preferred_element_type=acc)  # [...,O]
     return y.astype(xd.dtype), (xd, h, a, b)  # residuals: the input and the rank-R h
 
 
-def _adapter_grads(
-    scale: float, xd: Array, h: Array, a: Array, b: Array, dy: Array
+def _adapter_bwd(
+    scale: float, res: tuple[Array, Array, Array, Array], dy: Array
 ) -> tuple[Array, Array, Array]:
-    """``(dxd [..., I] in acc_dtype, dA, dB)`` of the adapter's term for its cotangent
-    ``dy`` [..., O]; the weight gradients sum over every token in ``acc_dtype``."""
+    """``(dxd, dA, dB)`` of ``adapter`` for the cotangent ``dy`` [..., O].
+
+    The weight gradients sum over every token, so they accumulate in ``acc_dtype``.
+    """
+    xd, h, a, b = res
     acc = acc_dtype(dy.dtype)
     dh = scale * jnp.einsum("...O,RO->...R", dy, b, preferred_element_type=acc)  # [...,R]
     dh = dh.astype(dy.dtype)
@@ -79,84 +75,10 @@ def _adapter_grads(
     xm, dhm = xd.reshape(-1, xd.shape[-1]), dh.reshape(-1, dh.shape[-1])  # [M,I], [M,R]
     da = token_sum_product(xm, dhm)  # [I,R]
     dxd = jnp.einsum("...R,IR->...I", dh, a, preferred_element_type=acc)  # [...,R] -> [...,I]
-    return dxd, da.astype(a.dtype), db.astype(b.dtype)
-
-
-def _adapter_bwd(
-    scale: float, res: tuple[Array, Array, Array, Array], dy: Array
-) -> tuple[Array, Array, Array]:
-    """``(dxd, dA, dB)`` of ``adapter`` for the cotangent ``dy`` [..., O]."""
-    xd, h, a, b = res
-    dxd, da, db = _adapter_grads(scale, xd, h, a, b, dy)
-    return dxd.astype(xd.dtype), da, db
+    return dxd.astype(xd.dtype), da.astype(a.dtype), db.astype(b.dtype)
 
 
 adapter.defvjp(_adapter_fwd, _adapter_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def adapted_linear(
-    x: Array,
-    kernel: Array,
-    bias: Array | None,
-    keep: Array | None,
-    a: Array,
-    b: Array,
-    scale: float,
-) -> Array:
-    """A float base with an adapter, ``x @ W + bias + scale * ((x * keep) @ A) @ B``: [..., I]
-    -> [..., O] in x's dtype.
-
-    Args:
-      x: [..., I] in the compute dtype.
-      kernel: the base ``[I, O]`` in the compute dtype (frozen, as the spec's
-        ``dense_backward`` has every base with an adapter).
-      bias: [O] (frozen) or None.
-      keep: dropout's mask ``[..., I]`` of 0 and ``1/(1-rate)`` (``dropout_mask``), or None.
-      a, b: the adapter's factors ``[I, R]`` and ``[R, O]``.
-      scale: alpha / r.
-
-    The base's and the adapter's terms are summed in ``acc_dtype`` and rounded once, forward
-    (the output) and backward (``dx = dy W^T + keep * (dh A^T)``): composed of ``linear`` and
-    ``adapter``, XLA's CPU backend rounded each term to bf16 in a pass of its own and added
-    them in another, every projection, forward and backward. The adapter's gradients are
-    ``adapter``'s. An NF4 base keeps ``nf4_linear`` plus ``adapter``: summed once with it, the
-    bf16 gradients of the GPT-2 QLoRA parity case moved further from the spec's.
-    """
-    return _adapted_fwd(x, kernel, bias, keep, a, b, scale)[0]
-
-
-def _adapted_fwd(
-    x: Array,
-    kernel: Array,
-    bias: Array | None,
-    keep: Array | None,
-    a: Array,
-    b: Array,
-    scale: float,
-) -> tuple[Array, tuple[Any, ...]]:
-    """The output; residuals x, the kernel, the mask, h, A and B."""
-    acc = acc_dtype(x.dtype)
-    xd = x if keep is None else x * keep  # [...,I]
-    y, h = _adapter_terms(xd, a, b, scale)  # [...,O] in acc, [...,R]
-    y = y + jnp.einsum("...I,IO->...O", x, kernel, preferred_element_type=acc)  # [...,O]
-    if bias is not None:
-        y = y + bias  # [...,O] + [O]
-    return y.astype(x.dtype), (x, kernel, keep, h, a, b)
-
-
-def _adapted_bwd(scale: float, res: tuple[Any, ...], dy: Array) -> tuple[Any, ...]:
-    """``(dx, dkernel, dbias, dkeep, dA, dB)``: the base, its bias and the mask get zero."""
-    x, kernel, keep, h, a, b = res
-    acc = acc_dtype(x.dtype)
-    xd = x if keep is None else x * keep  # [...,I]
-    dxd, da, db = _adapter_grads(scale, xd, h, a, b, dy)  # [...,I] in acc, [I,R], [R,O]
-    dx = jnp.einsum("...O,IO->...I", dy, kernel, preferred_element_type=acc)  # [...,I]
-    dx = dx + (dxd if keep is None else dxd * keep)  # [...,I], rounded once below
-    return dx.astype(x.dtype), None, None, None, da, db
-
-
-adapted_linear.defvjp(_adapted_fwd, _adapted_bwd)
 
 
 class Dense(nnx.Module):
@@ -227,21 +149,17 @@ class Dense(nnx.Module):
         """
         x = x.astype(self.dtype)
         bias = self.bias[...].astype(self.dtype) if hasattr(self, "bias") else None
-        adapted = hasattr(self, "lora_A")
-        keep = None
-        if adapted and dropout_key is not None and self.rate > 0:
-            kept = dropout_keep(dropout_key, x.shape, self.rate)  # [...,I]
-            keep = dropout_mask(kept, self.rate, x.dtype)  # [...,I]
-        if adapted:
-            a = self.lora_A[...].astype(self.dtype)  # [I,R]
-            b = self.lora_B[...].astype(self.dtype)  # [R,O]
-        if not isinstance(self.kernel, NF4Kernel):
-            if adapted:
-                return adapted_linear(x, self.weight(), bias, keep, a, b, self.scale)
-            return linear(x, self.weight(), bias)  # [...,I] -> [...,O]
-        y = self.kernel(x)  # [...,I] -> [...,O], 4-bit through the backward pass too
-        y = y if bias is None else y + bias  # [...,O]
-        if not adapted:
+        if isinstance(self.kernel, NF4Kernel):  # 4-bit through the backward pass too
+            y = self.kernel(x)  # [...,I] -> [...,O]
+            y = y if bias is None else y + bias  # [...,O]
+        else:
+            y = linear(x, self.weight(), bias)  # [...,I] -> [...,O]
+        if not hasattr(self, "lora_A"):
             return y
-        xd = x if keep is None else x * keep  # [...,I]
+        a = self.lora_A[...].astype(self.dtype)  # [I,R]
+        b = self.lora_B[...].astype(self.dtype)  # [R,O]
+        xd = x
+        if dropout_key is not None and self.rate > 0:
+            keep = dropout_keep(dropout_key, x.shape, self.rate)  # [...,I]
+            xd = x * dropout_mask(keep, self.rate, x.dtype)  # [...,I]
         return y + adapter(xd, a, b, self.scale)  # [...,O]: scale * (xd @ A) @ B

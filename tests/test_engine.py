@@ -17,8 +17,8 @@ import pytest
 from flax import nnx
 
 from jax_impl.attention import attention_mask, sdpa
-from jax_impl.layers import token_sum_product
-from jax_impl.lora import adapted_linear
+from jax_impl.layers import linear, token_sum_product
+from jax_impl.lora import adapter
 from jax_impl.model import (
     CPU_BF16_ENV,
     EngineConfig,
@@ -114,8 +114,8 @@ def test_einsum_attention_products_take_the_compute_dtype() -> None:
 
 
 def test_adapter_products_take_the_compute_dtype() -> None:
-    """An adapted projection's three forward and five backward products take operands in the
-    compute dtype and sum in float32, and give the spec's ``dense_forward`` and
+    """The adapter's two forward and four backward products take operands in the compute
+    dtype and sum in float32, and give the spec's ``dense_forward`` and
     ``dense_backward`` to the dtype's accuracy. A product left in bf16 sums would be widened
     to float32 by XLA's CPU backend, the rate the adapters ran at before."""
     rng = np.random.default_rng(7)
@@ -129,7 +129,7 @@ def test_adapter_products_take_the_compute_dtype() -> None:
     want = (y_ref, dx_ref, grads_ref["lora_A"], grads_ref["lora_B"])
 
     def out_and_grads(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, d: jax.Array) -> Any:
-        y, vjp = jax.vjp(lambda x, a, b: adapted_linear(x, w, None, None, a, b, scale), x, a, b)
+        y, vjp = jax.vjp(lambda x, a, b: linear(x, w) + adapter(x, a, b, scale), x, a, b)
         return (y, *vjp(d))
 
     for dtype in (jnp.float32, jnp.bfloat16):
@@ -139,41 +139,6 @@ def test_adapter_products_take_the_compute_dtype() -> None:
         got = jax.jit(out_and_grads)(*args)
         for name, g, w in zip(("y", "dx", "dA", "dB"), got, want, strict=True):
             assert rel_err(np.asarray(g, np.float64), w) <= RTOL[jnp.dtype(dtype).name], name
-
-
-def test_adapted_projection_with_dropout_and_bias() -> None:
-    """``adapted_linear`` with a dropout mask and a bias is the spec's ``dense_forward`` and
-    ``dense_backward`` in float64 (x, A, B differentiated; the bias, frozen with an adapter,
-    gets zero); a mask moved by one entry moves the gradients."""
-    rng = np.random.default_rng(8)
-    x = rng.normal(size=(2, 24, 64))  # [B,T,I]
-    kernel = rng.normal(size=(64, 48)) / 8  # [I,O]
-    bias = rng.normal(size=48)  # [O]
-    a, b = rng.normal(size=(64, 4)) / 8, rng.normal(size=(4, 48))  # [I,R], [R,O]
-    dout = rng.normal(size=(2, 24, 48))  # [B,T,O]
-    mask = (rng.random(size=x.shape) > 0.25) / 0.75  # [B,T,I] of 0 and 1/(1-p)
-    scale = 0.5
-    with jax.enable_x64(True):
-        p = {"kernel": kernel, "bias": bias, "lora_A": a, "lora_B": b}
-        y_ref, cache = spec_dense_forward(x, p, scale, dropout_mask=mask)
-        dx_ref, grads_ref = spec_dense_backward(dout, cache, train_base=False)
-
-        def run(m: jax.Array) -> Any:
-            def f(x: jax.Array, bias: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-                return adapted_linear(x, jnp.asarray(kernel), bias, m, a, b, scale)
-
-            y, vjp = jax.vjp(f, *(jnp.asarray(t) for t in (x, bias, a, b)))
-            return (y, *vjp(jnp.asarray(dout)))
-
-        y, dx, dbias, da, db = jax.jit(run)(jnp.asarray(mask))
-        assert rel_err(np.asarray(y), y_ref) <= 1e-12
-        assert rel_err(np.asarray(dx), dx_ref) <= 1e-12
-        assert rel_err(np.asarray(da), grads_ref["lora_A"]) <= 1e-12
-        assert rel_err(np.asarray(db), grads_ref["lora_B"]) <= 1e-12
-        assert not np.asarray(dbias).any()
-        moved = mask.copy()
-        moved[0, 0, 0] = 0.0 if mask[0, 0, 0] else 1 / 0.75
-        assert rel_err(np.asarray(jax.jit(run)(jnp.asarray(moved))[3]), grads_ref["lora_A"]) > 1e-6
 
 
 @pytest.mark.parametrize("m", [48, 47])
