@@ -443,23 +443,9 @@ def row_cross_entropy(
     Args: x [B, T, D]; head [B, C, D] -> [B, C, V]; targets int [B, T]. Returns ([B] in
     ``acc_dtype``, int [B]).
     """
-    b, t, _ = x.shape
+    b, t, d = x.shape
     if not 0 < chunk < t:
         return _row_loss_sums(head(x), targets)  # [B], [B]
-    return _chunked(x, head, targets, chunk, _row_loss_sums, (b,))
-
-
-def _chunked(
-    x: Array,
-    head: Callable[[Array], Array],
-    targets: Array,
-    chunk: int,
-    sums: Callable[[Array, Array], tuple[Array, Array]],
-    shape: tuple[int, ...],
-) -> tuple[Array, Array]:
-    """``sums(head(x), targets)`` added up over chunks of ``chunk`` positions, each chunk's
-    logits recomputed for its gradient; ``shape`` is the shape of what ``sums`` returns."""
-    b, t, d = x.shape
     n = -(-t // chunk)
     pad = n * chunk - t
     xs = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d)  # [B,nC,D] -> [B,n,C,D]
@@ -467,13 +453,13 @@ def _chunked(
 
     @jax.checkpoint
     def piece(xc: Array, tc: Array) -> tuple[Array, Array]:
-        return sums(head(xc), tc)  # [B,C,D] -> [B,C,V] -> shape, shape
+        return _row_loss_sums(head(xc), tc)  # [B,C,D] -> [B,C,V] -> [B], [B]
 
     def body(carry: tuple[Array, Array], xt: tuple[Array, Array]) -> tuple[Any, None]:
         total, count = piece(*xt)
         return (carry[0] + total, carry[1] + count.astype(carry[1].dtype)), None
 
-    init = (jnp.zeros(shape, acc_dtype(x.dtype)), jnp.zeros(shape, jnp.int32))
+    init = (jnp.zeros((b,), acc_dtype(x.dtype)), jnp.zeros((b,), jnp.int32))
     (total, count), _ = jax.lax.scan(body, init, (xs.swapaxes(0, 1), ts.swapaxes(0, 1)))
     return total, count
 
