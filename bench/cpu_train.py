@@ -24,10 +24,11 @@ those units the CPU has (``cpu_flags``) and what ``dtype="auto"`` resolves to on
     python bench/cpu_train.py --shape smollm2-135m --rounds 3
     python bench/cpu_train.py --dtype bf16 --method qlora
 
-The engine side runs under the glibc tunable ``glibc.malloc.hugetlb=1``, as ``qlora-spec``
-does (``jax_impl/apps/hugepages.py``), the peer in the environment as it is, as PEFT's users
-run it (under the tunable its steps become bimodal on a 2-core AMD EPYC, 1.06-1.80 s against
-1.16-1.29 s); ``--no-huge-pages`` runs the engine without it too. The first line prints both.
+The engine side runs under the settings ``qlora-spec`` gives itself (``jax_impl/cpu.py``: the
+glibc tunable ``glibc.malloc.hugetlb=1``, and XLA's 512-bit vectors on a CPU with bf16 matrix
+units), the peer in the environment as it is, as PEFT's users run it (under the tunable its
+steps become bimodal on a 2-core AMD EPYC, 1.06-1.80 s against 1.16-1.29 s);
+``--env-as-is`` runs the engine without them too. The first line prints both environments.
 
 A peer figure far below what transformers + PEFT do on the machine (about 2,900 tokens/s for
 the default shape on a 2-core Xeon) means a loaded machine, not a fast engine: the spread of
@@ -146,12 +147,12 @@ def run_side(args: argparse.Namespace) -> None:
     print(json.dumps(out))
 
 
-def engine_env(huge_pages: bool) -> dict[str, str]:
-    """The engine side's environment: this one, with ``glibc.malloc.hugetlb=1`` added to
-    ``GLIBC_TUNABLES`` when ``huge_pages`` and the system has glibc and transparent huge pages."""
-    from jax_impl.apps.hugepages import with_huge_pages
+def engine_env(settings: bool) -> dict[str, str]:
+    """The engine side's environment: this one, with what ``qlora-spec`` adds on this machine
+    (``jax_impl.cpu.runtime_env``) when ``settings``."""
+    from jax_impl.cpu import runtime_env
 
-    return (with_huge_pages(os.environ) if huge_pages else None) or dict(os.environ)
+    return (runtime_env(os.environ) if settings else None) or dict(os.environ)
 
 
 def spawn(args: argparse.Namespace, side: str, dtype: str, env: dict[str, str]) -> dict:
@@ -173,9 +174,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per process")
     p.add_argument("--steps", type=int, default=8, help="timed steps per process")
     p.add_argument(
-        "--no-huge-pages",
+        "--env-as-is",
         action="store_true",
-        help="run the engine side without glibc.malloc.hugetlb=1 too",
+        help="run the engine side in this environment as it is, without the huge pages and "
+        "XLA flags qlora-spec adds (jax_impl/cpu.py)",
     )
     p.add_argument("--side", choices=["engine", "peer"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -185,12 +187,15 @@ def main() -> None:
     from jax_impl.model import EngineConfig
 
     dtypes = run_dtypes(args.dtype)
-    envs = {"engine": engine_env(not args.no_huge_pages), "peer": dict(os.environ)}
+    envs = {"engine": engine_env(not args.env_as_is), "peer": dict(os.environ)}
     head = {"shape": args.shape, "method": args.method, "dtypes": dtypes, **s}
     auto = EngineConfig().resolve(engine_config(s), "cpu").dtype
     head.update(cpus=os.cpu_count(), cpu_flags=cpu_flags(), auto_dtype=auto)
-    tunables = {side: env.get("GLIBC_TUNABLES") for side, env in envs.items()}
-    print(json.dumps({**head, "GLIBC_TUNABLES": tunables, "load": os.getloadavg()}))
+    settings = {
+        var: {side: env.get(var) for side, env in envs.items()}
+        for var in ("GLIBC_TUNABLES", "XLA_FLAGS")
+    }
+    print(json.dumps({**head, **settings, "load": os.getloadavg()}))
     ratios: dict[str, list[float]] = {dt: [] for dt in dtypes}
     per_side: dict[str, list[float]] = {f"{side} {dt}": [] for dt in dtypes for side in envs}
     for r in range(args.rounds):

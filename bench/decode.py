@@ -13,8 +13,8 @@ with the model loaded in bfloat16. Both ratios are printed, float32 / float32 an
 bf16 rounding flips near-tied greedy choices of the random model, so the two bf16 sides agree
 on fewer tokens than the float32 ones, as each side's bf16 run does with its own float32 run.
 
-Each side runs in a fresh process of its own (the engine under ``glibc.malloc.hugetlb=1``, as
-``qlora-spec`` runs), warms up once (compilation excluded) and takes the median of
+Each side runs in a fresh process of its own (the engine under the settings ``qlora-spec``
+gives itself, ``jax_impl/cpu.py``), warms up once (compilation excluded) and takes the median of
 ``--timed`` runs; the sides alternate (engine first in odd rounds) for ``--rounds`` rounds.
 Every process prints a JSON line; each round and batch size gets the ratio engine / peer of
 tokens per second and the share of generated tokens on which the two sides agree; the last
@@ -155,9 +155,9 @@ def main() -> None:
     if args.side:
         return run_side(args)
 
-    from jax_impl.apps.hugepages import with_huge_pages
+    from jax_impl.cpu import runtime_env
 
-    envs = {"engine": with_huge_pages(os.environ) or dict(os.environ), "peer": dict(os.environ)}
+    envs = {"engine": runtime_env(os.environ) or dict(os.environ), "peer": dict(os.environ)}
     batches = [int(b) for b in args.batches.split(",")]
     dtypes = run_dtypes(args.dtype)
     head = {"V": V, "D": D, "F": F, "L": L, "N": N, "K": K, "T0": args.t0, "new": args.new}

@@ -13,9 +13,10 @@ scan's stacked residuals), broadcast fills and the rest.
 
 Times are wall-clock per operation, so a loaded machine inflates them all; read the shares,
 and compare variants in one process, one step after the other. ``qlora-spec`` runs under
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (``jax_impl/apps/hugepages.py``); set it here too
-to profile the step as the command runs it (without it, first touches of the step's fresh
-temporaries show up as slow broadcast fills).
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` and, on a CPU with bf16 matrix units,
+``XLA_FLAGS=--xla_cpu_prefer_vector_width=512`` (``jax_impl/cpu.py``); set them here too
+to profile the step as the command runs it (without the first, first touches of the step's
+fresh temporaries show up as slow broadcast fills).
 """
 
 from __future__ import annotations

@@ -124,9 +124,9 @@ def train_argv(model_dir: Path, method: str, data: Path, out: Path, s: dict[str,
 
 def load_only(model_dir: str, method: str) -> None:
     """In this process: the load ``qlora-spec train`` does on one device, then print its size."""
-    from jax_impl.apps.hugepages import reexec_with_huge_pages
+    from jax_impl.cpu import reexec_with_runtime_env
 
-    reexec_with_huge_pages()  # the same allocator settings as the train command
+    reexec_with_runtime_env()  # the same allocator settings and XLA flags as the train command
 
     import jax
     from flax import nnx

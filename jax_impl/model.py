@@ -45,6 +45,7 @@ from ref_numpy.nf4 import BLOCKSIZES, DEFAULT_BLOCKSIZE, NF4Tensor
 from ref_numpy.positional import rope_attention_factor
 
 from .attention import ATTN_OUT, Attention, KVCache, attention_mask, layer_windows
+from .cpu import BF16_CPU_FLAGS, CPUINFO, cpu_flags
 from .layers import (
     ACTIVATIONS,
     Frozen,
@@ -78,17 +79,12 @@ ComputeDType = Literal["auto", "float32", "bfloat16", "float64"]
 
 # Accelerators where "auto" computes in bfloat16 (their matrix units are built for it).
 BF16_BACKENDS = ("gpu", "tpu")
-# x86 CPU flags (as /proc/cpuinfo names them) of matrix units that multiply bf16 in hardware:
-# AMX tiles and the AVX512-BF16 dot products, the units XLA's CPU dots reach for bf16.
-BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
 # "0" or "1" overrides what cpu_bf16_units() reads from the CPU; the test suite sets "0", so
 # its float32 expectations of dtype="auto" hold on every machine.
 CPU_BF16_ENV = "QLORA_SPEC_CPU_BF16"
 
 
-def cpu_bf16_units(path: str = "/proc/cpuinfo") -> bool:
+def cpu_bf16_units(path: str = CPUINFO) -> bool:
     """Whether this machine's CPU multiplies bf16 in hardware (one of ``BF16_CPU_FLAGS`` among
     the flags ``path`` lists); False where the file cannot be read (not Linux). The
     environment variable ``QLORA_SPEC_CPU_BF16`` set to ``0`` or ``1`` decides instead (any
@@ -98,11 +94,7 @@ def cpu_bf16_units(path: str = "/proc/cpuinfo") -> bool:
         return env == "1"
     if env:
         raise ValueError(f"{CPU_BF16_ENV}={env!r}: expected 0 or 1 (or unset, to read {path})")
-    try:
-        with open(path) as f:
-            words = set(f.read().split())
-    except OSError:
-        return False
+    words = cpu_flags(path)
     return any(flag in words for flag in BF16_CPU_FLAGS)
 
 
