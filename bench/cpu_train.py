@@ -80,11 +80,9 @@ def timed(step: Callable[[], None], warmup: int, steps: int) -> list[float]:
 
 def cpu_flags() -> list[str]:
     """The CPU's bf16 matrix features (AMX, AVX512-BF16) as /proc/cpuinfo names them."""
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return []
-    return sorted({f for f in text.split() if f.startswith(("amx", "avx512_bf16"))})
+    from jax_impl import cpu
+
+    return sorted(f for f in cpu.cpu_flags() if f.startswith(("amx", "avx512_bf16")))
 
 
 def engine_side(

@@ -56,6 +56,12 @@ def cpu_flags(path: str = CPUINFO) -> frozenset[str]:
         return frozenset()
 
 
+def bf16_units(flags: frozenset[str]) -> bool:
+    """Whether CPU ``flags`` (``cpu_flags()``) name a matrix unit that multiplies bf16 in
+    hardware (one of ``BF16_CPU_FLAGS``)."""
+    return any(f in flags for f in BF16_CPU_FLAGS)
+
+
 def thp_mode(path: str = THP_ENABLED) -> str | None:
     """The kernel's transparent huge page mode (``always``, ``madvise`` or ``never``), None
     where the file does not exist (not Linux, or a kernel without THP)."""
@@ -84,7 +90,7 @@ def vector_width_env(env: Mapping[str, str], flags: frozenset[str]) -> str | Non
     """The ``XLA_FLAGS`` value that adds ``--xla_cpu_prefer_vector_width=512`` to ``env``'s, or
     None when there is nothing to add: none of ``BF16_CPU_FLAGS`` is among ``flags``
     (``cpu_flags()``), or ``XLA_FLAGS`` sets the vector width already."""
-    if not any(f in flags for f in BF16_CPU_FLAGS):
+    if not bf16_units(flags):
         return None
     current = env.get("XLA_FLAGS", "")
     if any(item.split("=")[0] == VECTOR_WIDTH_FLAG for item in current.split()):

@@ -45,7 +45,7 @@ from ref_numpy.nf4 import BLOCKSIZES, DEFAULT_BLOCKSIZE, NF4Tensor
 from ref_numpy.positional import rope_attention_factor
 
 from .attention import ATTN_OUT, Attention, KVCache, attention_mask, layer_windows
-from .cpu import BF16_CPU_FLAGS, CPUINFO, cpu_flags
+from .cpu import CPUINFO, bf16_units, cpu_flags
 from .layers import (
     ACTIVATIONS,
     Frozen,
@@ -94,8 +94,7 @@ def cpu_bf16_units(path: str = CPUINFO) -> bool:
         return env == "1"
     if env:
         raise ValueError(f"{CPU_BF16_ENV}={env!r}: expected 0 or 1 (or unset, to read {path})")
-    words = cpu_flags(path)
-    return any(flag in words for flag in BF16_CPU_FLAGS)
+    return bf16_units(cpu_flags(path))
 
 
 @dataclasses.dataclass(frozen=True)
