@@ -44,6 +44,10 @@ CPUINFO = "/proc/cpuinfo"
 TUNABLE = "glibc.malloc.hugetlb"
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 VECTOR_WIDTH_FLAG = "--xla_cpu_prefer_vector_width"
+# Set in the environment of the second execution, so that a process whose settings do not
+# hold (the loader drops ``GLIBC_TUNABLES`` from a setuid or file-capability interpreter's
+# environment) goes on rather than executing itself again and again.
+REEXEC_MARK = "QLORA_SPEC_RUNTIME_ENV"
 
 
 def cpu_flags(path: str = CPUINFO) -> frozenset[str]:
@@ -111,11 +115,20 @@ def runtime_env(env: Mapping[str, str]) -> dict[str, str] | None:
 
 def reexec_with_runtime_env() -> None:
     """Execute this process again, same interpreter, arguments and process id, under
-    ``runtime_env``; returns when there is nothing to add, so the second run goes on."""
+    ``runtime_env``. Returns, and the process goes on as it is, when there is nothing to add,
+    in the second execution (``REEXEC_MARK`` set), and where the interpreter cannot be
+    executed (no ``sys.executable``, or ``execv`` fails: ``XLA_FLAGS`` still holds for this
+    process, the tunable does not)."""
+    if os.environ.get(REEXEC_MARK) or not sys.executable:
+        return
     env = runtime_env(os.environ)
     if env is None:
         return
     os.environ.update(env)
+    os.environ[REEXEC_MARK] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    try:
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    except OSError:
+        return

@@ -83,7 +83,8 @@ def test_runtime_env_adds_what_the_machine_allows(monkeypatch: pytest.MonkeyPatc
 
 
 def _clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "XLA_FLAGS")}
+    drop = ("GLIBC_TUNABLES", "XLA_FLAGS", cpu.REEXEC_MARK)
+    return {k: v for k, v in os.environ.items() if k not in drop}
 
 
 @pytest.mark.skipif(runtime_env(_clean_env()) is None, reason="nothing to add on this machine")
@@ -110,6 +111,51 @@ def test_the_process_runs_again_with_the_settings_and_the_same_pid() -> None:
         f"go on {pid} {now}",
     ]
     assert "glibc.malloc.hugetlb=1" in now or WIDE in now
+
+
+def test_a_setting_that_does_not_hold_runs_the_process_again_once() -> None:
+    """Where the second execution still lacks a setting (the loader drops ``GLIBC_TUNABLES``
+    from a setuid interpreter's environment; here ``runtime_env`` always has one more to add),
+    the process goes on after one more execution instead of executing itself forever."""
+    code = (
+        "import os\n"
+        "import jax_impl.cpu as cpu\n"
+        "cpu.runtime_env = lambda env: {**env, 'QLORA_SPEC_TEST_ADDED': 'yes'}\n"
+        "print('start', os.getpid(), os.environ.get('QLORA_SPEC_TEST_ADDED'), flush=True)\n"
+        "cpu.reexec_with_runtime_env()\n"
+        "print('go on', os.getpid(), os.environ.get('QLORA_SPEC_TEST_ADDED'))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_clean_env(),
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    pid = proc.stdout.split()[1]
+    assert proc.stdout.split("\n")[:3] == [
+        f"start {pid} None",
+        f"start {pid} yes",
+        f"go on {pid} yes",
+    ]
+
+
+def test_an_interpreter_that_cannot_be_executed_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``execv`` failing (the interpreter's file gone) leaves this process running, with the
+    settings in its environment for what reads them later (``XLA_FLAGS``)."""
+    monkeypatch.setattr(cpu, "runtime_env", lambda env: {**env, "XLA_FLAGS": WIDE})
+    for name in ("XLA_FLAGS", cpu.REEXEC_MARK):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "executable", str(ROOT / "no-such-interpreter"))
+    cpu.reexec_with_runtime_env()
+    assert os.environ["XLA_FLAGS"] == WIDE
+    assert os.environ[cpu.REEXEC_MARK] == "1"
+    monkeypatch.setattr(sys, "executable", "")  # embedded: no interpreter to execute at all
+    monkeypatch.delenv(cpu.REEXEC_MARK)
+    monkeypatch.setattr(cpu, "runtime_env", lambda env: pytest.fail("nothing to execute"))
+    cpu.reexec_with_runtime_env()
 
 
 def test_the_console_script_runs_under_the_settings() -> None:
