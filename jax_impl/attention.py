@@ -234,18 +234,19 @@ def _sdpa_heads_fwd(
 ) -> tuple[Array, tuple[Array, Array, Array, Array]]:
     """The output [B, T, N, H] in q's dtype and the residuals ``(qh, kh, vh, probs)`` the
     backward keeps."""
-    # Scores, probabilities and every sum stay in float32 or wider; the probabilities meet V
-    # rounded to the compute dtype, as bf16 flash-attention kernels round them.
+    # Scores, the softmax and every sum stay in float32 or wider. The probabilities are
+    # rounded to the compute dtype once, as bf16 flash-attention kernels round them for P V,
+    # and the rounded copy is what the backward keeps: under bf16 the [B, K, G, T, S] array
+    # written here and read twice by the backward is half the bytes, and the gradients' error
+    # against the spec stays within its spread over seeds.
     acc = acc_dtype(q.dtype)
     qh = _heads(q, k.shape[2])  # [B,T,N,H] -> [B,K,G,T,H]
     kh = k.transpose(0, 2, 1, 3)  # [B,S,K,H] -> [B,K,S,H]
     vh = v.transpose(0, 2, 1, 3)  # [B,S,K,H] -> [B,K,S,H]
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = jnp.einsum("BKGTH,BKSH->BKGTS", qh, kh, preferred_element_type=acc)  # [B,K,G,T,S]
-    probs = softmax(scores * scale, mask[:, None, None])  # [B,K,G,T,S]
-    out = jnp.einsum(
-        "BKGTS,BKSH->BKGTH", probs.astype(q.dtype), vh, preferred_element_type=acc
-    )  # [B,K,G,T,H]
+    probs = softmax(scores * scale, mask[:, None, None]).astype(q.dtype)  # [B,K,G,T,S]
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, vh, preferred_element_type=acc)  # [B,K,G,T,H]
     return _unheads(out).astype(q.dtype), (qh, kh, vh, probs)  # [B,T,N,H]
 
 
@@ -288,20 +289,19 @@ def _sdpa_heads_bwd(
 ) -> tuple[Array, Array, Array, None]:
     """``(dq, dk, dv)`` as ``sdpa_backward``; each kv head sums the gradients of the G
     queries it served. The mask gets no cotangent."""
-    qh, kh, vh, probs = res
-    acc, cd = probs.dtype, qh.dtype
+    qh, kh, vh, probs = res  # probs [B,K,G,T,S] in the compute dtype
+    cd = qh.dtype
+    acc = acc_dtype(cd)
     scale = 1.0 / math.sqrt(qh.shape[-1])
     dg = _heads(dout, kh.shape[1])  # [B,T,N,H] -> [B,K,G,T,H], in the compute dtype
     # Every product takes operands in the compute dtype, summed in ``acc``: the forward's
     # rounded probabilities, and the score gradients rounded as the forward rounds them.
-    dv = jnp.einsum(
-        "BKGTS,BKGTH->BKSH", probs.astype(cd), dg, preferred_element_type=acc
-    )  # [B,K,S,H]
+    dv = jnp.einsum("BKGTS,BKGTH->BKSH", probs, dg, preferred_element_type=acc)  # [B,K,S,H]
     dprobs = jnp.einsum("BKGTH,BKSH->BKGTS", dg, vh, preferred_element_type=acc)  # [B,K,G,T,S]
     # The score scale goes on dq and dk, [., H], not on the [., S] score gradients: XLA's CPU
     # backend fuses the softmax backward into the product that makes dprobs, and a scalar
     # factor there became a whole [B, K, G, T, S] array of it in memory, read by every layer.
-    dscores = softmax_backward(probs, dprobs).astype(cd)  # [B,K,G,T,S], unscaled
+    dscores = softmax_backward(probs.astype(acc), dprobs).astype(cd)  # [B,K,G,T,S], unscaled
     dq = scale * jnp.einsum("BKGTS,BKSH->BKGTH", dscores, kh, preferred_element_type=acc)
     dk = scale * jnp.einsum("BKGTS,BKGTH->BKSH", dscores, qh, preferred_element_type=acc)
     return (

@@ -4,7 +4,9 @@ every variable carries."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import re
 import typing
 from pathlib import Path
@@ -91,7 +93,8 @@ def test_einsum_attention_backward_is_the_specs() -> None:
 def test_einsum_attention_products_take_the_compute_dtype() -> None:
     """Each of attention's six products, forward and backward, takes operands in the compute
     dtype and sums in float32: under bf16 the probabilities and the score gradients are
-    rounded for their products, and the results are the spec's to bf16 accuracy."""
+    rounded for their products, the backward keeps the rounded probabilities, and the results
+    are the spec's to bf16 accuracy."""
     rng = np.random.default_rng(6)
     b, t, n, kv, h = 2, 16, 4, 2, 8
     q = rng.normal(size=(b, t, n, h))  # [B,T,N,H]
@@ -111,6 +114,24 @@ def test_einsum_attention_products_take_the_compute_dtype() -> None:
         got = jax.jit(out_and_grads)(*args)
         for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
             assert rel_err(np.asarray(g, np.float64), w) <= RTOL[jnp.dtype(dtype).name], name
+        # The backward keeps q, k, v and the probabilities, all in the compute dtype: under
+        # bf16 the [B, K, G, T, S] probabilities are the rounded ones, half a float32 copy.
+        saved = _saved_residuals(lambda q, k, v: sdpa(q, k, v, jnp.asarray(mask)), *args[:3])
+        short = {"float32": "f32", "bfloat16": "bf16"}[jnp.dtype(dtype).name]
+        probs = (b, kv, n // kv, t, t)  # [B,K,G,T,S]
+        assert probs in saved and set(saved.values()) == {short}, saved
+
+
+def _saved_residuals(f: Any, *args: Any) -> dict[tuple[int, ...], str]:
+    """Shape -> dtype (``bf16``, ``f32``) of each floating-point array ``f``'s backward keeps."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        jax.ad_checkpoint.print_saved_residuals(f, *args)
+    found = (
+        re.match(r"\s*(bf16|f16|f32|f64)\[([0-9,]*)\]", line)
+        for line in buf.getvalue().splitlines()
+    )
+    return {tuple(int(d) for d in m[2].split(",") if d): m[1] for m in found if m}
 
 
 def test_adapter_products_take_the_compute_dtype() -> None:

@@ -209,8 +209,8 @@ def attention_saved(g: Dims, impl: str) -> list[Array]:
     """What attention keeps for its backward pass, per layer (``attention.py``).
 
     einsum (``_sdpa_heads``): for each causal half (the first C = T // 2 queries against the
-    first C keys, the other T - C queries against all T keys) the head-major q, k, v
-    (compute dtype) and the probabilities (accumulation dtype: float32 under bf16).
+    first C keys, the other T - C queries against all T keys) the head-major q, k, v and
+    the probabilities, all in the compute dtype.
     cudnn (flash attention): q, k, v and its output (compute dtype) and the softmax
     statistics, float32 [B, N, T].
     """
@@ -228,7 +228,7 @@ def attention_saved(g: Dims, impl: str) -> list[Array]:
         out += [
             ("q (head-major)", b * tq * n * h * c),
             ("k, v (head-major)", 2 * b * s * k * h * c),
-            ("probabilities", b * n * tq * s * g.a),
+            ("probabilities", b * n * tq * s * g.c),
         ]
     return out
 
