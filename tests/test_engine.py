@@ -4,9 +4,7 @@ every variable carries."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import re
 import typing
 from pathlib import Path
@@ -43,6 +41,7 @@ from ref_numpy.lora import dense_backward as spec_dense_backward
 from ref_numpy.lora import dense_forward as spec_dense_forward
 from ref_numpy.model import model_forward
 from tests.helpers import RTOL, rel_err
+from tests.test_memory import saved_float_residuals
 from tests.test_model import CONFIGS, V, random_params
 from tests.test_parity import engine_loss_and_grads, make_case
 
@@ -116,22 +115,10 @@ def test_einsum_attention_products_take_the_compute_dtype() -> None:
             assert rel_err(np.asarray(g, np.float64), w) <= RTOL[jnp.dtype(dtype).name], name
         # The backward keeps q, k, v and the probabilities, all in the compute dtype: under
         # bf16 the [B, K, G, T, S] probabilities are the rounded ones, half a float32 copy.
-        saved = _saved_residuals(lambda q, k, v: sdpa(q, k, v, jnp.asarray(mask)), *args[:3])
+        saved = saved_float_residuals(lambda q, k, v: sdpa(q, k, v, jnp.asarray(mask)), *args[:3])
         short = {"float32": "f32", "bfloat16": "bf16"}[jnp.dtype(dtype).name]
         probs = (b, kv, n // kv, t, t)  # [B,K,G,T,S]
-        assert probs in saved and set(saved.values()) == {short}, saved
-
-
-def _saved_residuals(f: Any, *args: Any) -> dict[tuple[int, ...], str]:
-    """Shape -> dtype (``bf16``, ``f32``) of each floating-point array ``f``'s backward keeps."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        jax.ad_checkpoint.print_saved_residuals(f, *args)
-    found = (
-        re.match(r"\s*(bf16|f16|f32|f64)\[([0-9,]*)\]", line)
-        for line in buf.getvalue().splitlines()
-    )
-    return {tuple(int(d) for d in m[2].split(",") if d): m[1] for m in found if m}
+        assert (short, probs) in saved and {d for d, _ in saved} == {short}, saved
 
 
 def test_adapter_products_take_the_compute_dtype() -> None:

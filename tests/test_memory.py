@@ -67,17 +67,19 @@ def _loss_parts(quantize: bool, remat: str) -> tuple[Any, Any, Any, jax.Array]:
     return loss, params, rest, ids
 
 
-def _saved_float_shapes(f: Any, *args: Any) -> list[tuple[int, ...]]:
-    """Shapes of the floating-point residuals ``f``'s backward pass keeps."""
+def saved_float_residuals(f: Any, *args: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """``(dtype, shape)`` of each floating-point residual ``f``'s backward pass keeps, the
+    dtype as JAX prints it (``bf16``, ``f16``, ``f32``, ``f64``)."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         jax.ad_checkpoint.print_saved_residuals(f, *args)
-    shapes = []
-    for line in buf.getvalue().splitlines():
-        m = re.match(r"\s*(bf16|f16|f32|f64)\[([0-9,]*)\]", line)
-        if m:
-            shapes.append(tuple(int(d) for d in m.group(2).split(",") if d))
-    return shapes
+    found = (re.match(r"\s*(bf16|f16|f32|f64)\[([0-9,]*)\]", s) for s in buf.getvalue().split("\n"))
+    return [(m[1], tuple(int(d) for d in m[2].split(",") if d)) for m in found if m]
+
+
+def _saved_float_shapes(f: Any, *args: Any) -> list[tuple[int, ...]]:
+    """Shapes of the floating-point residuals ``f``'s backward pass keeps."""
+    return [shape for _, shape in saved_float_residuals(f, *args)]
 
 
 def _holds_a_kernel(shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
