@@ -1,13 +1,18 @@
 """The console script runs again under the settings XLA's CPU runtime wants (``jax_impl/cpu.py``):
-``glibc.malloc.hugetlb=1``, and 512-bit vectors on a CPU with bf16 matrix units."""
+``glibc.malloc.hugetlb=1``, and 512-bit vectors on a CPU with bf16 matrix units; and it returns
+the heap XLA's compiler frees to the kernel after each long compilation."""
 
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.monitoring
+import jax.numpy as jnp
 import pytest
 
 import jax_impl.cpu as cpu
@@ -171,3 +176,34 @@ def test_the_console_script_runs_under_the_settings() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "nf4" in proc.stdout.lower()
+
+
+def test_the_heap_is_trimmed_after_long_compilations_only() -> None:
+    calls: list[int] = []
+    listener = cpu.heap_trimmer(lambda pad: calls.append(pad) or 1, min_seconds=1.0)
+    listener(cpu.COMPILE_EVENT, 0.5)
+    listener("/jax/core/compile/jaxpr_trace_duration", 30.0)
+    assert calls == []
+    listener(cpu.COMPILE_EVENT, 1.0, fun_name="step")
+    listener(cpu.COMPILE_EVENT, 40.0)
+    assert calls == [0, 0]
+
+
+def test_jax_reports_its_compilations_under_the_event_the_trim_follows() -> None:
+    """The event name is JAX's: a listener on it sees a fresh compilation (a renamed event would
+    leave the trim silently off)."""
+    seen: list[float] = []
+    jax.monitoring.register_event_duration_secs_listener(
+        cpu.heap_trimmer(lambda pad: seen.append(pad) or 1, min_seconds=0.0)
+    )
+    jax.jit(lambda x: jnp.cumsum(jnp.sin(x) * 3.25))(jnp.ones((7, 13))).block_until_ready()
+    assert seen
+
+
+def test_malloc_trim_is_glibcs_and_absent_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    trim = cpu.malloc_trim()
+    if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
+        assert trim is not None and trim(0) in (0, 1)
+        assert cpu.trim_heap_after_compiles() and cpu.trim_heap_after_compiles()  # once, then True
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
+    assert cpu.malloc_trim() is None

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from ref_numpy.formats.files import Locked, describe
 from ref_numpy.nf4 import BLOCKSIZES, DEFAULT_BLOCKSIZE, nf4_bits_per_param
 
-from ..cpu import reexec_with_runtime_env
+from ..cpu import reexec_with_runtime_env, trim_heap_after_compiles
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -577,9 +577,12 @@ def console() -> NoReturn:
     """The ``qlora-spec`` console script and ``python -m jax_impl.apps.cli``: the process first
     executes itself once more under the settings XLA's CPU runtime runs best under
     (``jax_impl.cpu``: ``glibc.malloc.hugetlb=1``, which spares it a page fault per 4 KiB of
-    every step's temporaries, and 512-bit vectors on a CPU with bf16 matrix units), then runs
-    ``main`` on the command line and exits with its status."""
+    every step's temporaries, and 512-bit vectors on a CPU with bf16 matrix units), returns the
+    heap XLA's compiler frees to the kernel after each long compilation
+    (``trim_heap_after_compiles``), then runs ``main`` on the command line and exits with its
+    status."""
     reexec_with_runtime_env()
+    trim_heap_after_compiles()
     raise SystemExit(main())
 
 
