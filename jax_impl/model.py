@@ -195,7 +195,8 @@ class EngineConfig:
         bfloat16 compute and ``"scan"`` otherwise: XLA's CPU backend slices and updates bf16
         stacks through float32, so a scanned bf16 step converts every stacked kernel and
         saved activation twice (unrolled, ``bench/cpu_train.py``'s SmolLM2-135M shape steps
-        1.03-1.57x faster for LoRA, 1.57-1.75x for QLoRA, and compiles 3-4x longer; under
+        1.03-1.57x faster for LoRA, 1.57-1.75x for QLoRA, and compiles 3-4x longer; QLoRA's
+        dequantized kernels are then held through the step, about LoRA's peak memory; under
         float32 unrolling gains nothing). An explicit ``"cudnn"`` off a GPU, or without bfloat16
         compute, raises ValueError. Resolving a resolved config returns it unchanged.
         """

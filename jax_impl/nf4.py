@@ -318,8 +318,11 @@ def nf4_linear(x: Array, q: NF4Tensor) -> Array:
     the NF4 tensor itself (half a byte per weight); the backward dequantizes ``W`` again to
     form ``dx = dy @ W``. Differentiating the plain ``x @ dequantize_kernel(q)`` would keep the
     float32 ``W`` of every layer alive from the forward to the backward pass, 8x the NF4
-    bytes, whatever the rematerialisation policy of the surrounding block. ``W`` is frozen:
-    its fields get zero cotangents. Products are summed in at least float32.
+    bytes, whatever the rematerialisation policy of the surrounding block. A program XLA sees
+    whole (layers unrolled, ``EngineConfig.layer_loop``) may still share one dequantization
+    between the forward and the backward pass and hold ``W`` between them; a scanned layer
+    cannot. ``W`` is frozen: its fields get zero cotangents. Products are summed in at least
+    float32.
     """
     w = dequantize_nf4(q).astype(x.dtype)  # [O,I]
     acc = jnp.promote_types(x.dtype, jnp.float32)
