@@ -200,10 +200,17 @@ def test_jax_reports_its_compilations_under_the_event_the_trim_follows() -> None
     assert seen
 
 
-def test_malloc_trim_is_glibcs_and_absent_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
-    trim = cpu.malloc_trim()
+def test_the_trim_is_glibcs_and_registers_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    registered: list[object] = []
+    monkeypatch.setattr(jax.monitoring, "register_event_duration_secs_listener", registered.append)
+    monkeypatch.setattr(cpu, "_trimming", False)
     if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
+        trim = cpu.malloc_trim()
         assert trim is not None and trim(0) in (0, 1)
-        assert cpu.trim_heap_after_compiles() and cpu.trim_heap_after_compiles()  # once, then True
-    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
+        assert cpu.trim_heap_after_compiles() and cpu.trim_heap_after_compiles()
+        assert len(registered) == 1 and callable(registered[0])
+    monkeypatch.setattr(cpu, "_trimming", False)
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))  # musl, macOS: nothing to call
     assert cpu.malloc_trim() is None
+    assert not cpu.trim_heap_after_compiles()
+    assert len(registered) <= 1
