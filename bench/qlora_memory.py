@@ -5,7 +5,7 @@ written in float32, and its NF4 checkpoint (double quant, block 64) beside it; t
 runs in a fresh process of its own, twice:
 
 * ``train``: ``qlora-spec train`` (the console script's ``python -m jax_impl.apps.cli``, so under
-  the same glibc tunable) for 3 steps of the shape's batch (4 x 128 for ``smollm2-135m``), LoRA
+  the same glibc tunable, the heap trimmed after each long compilation) for 3 steps of the shape's batch (4 x 128 for ``smollm2-135m``), LoRA
   r=16 alpha=32 on all seven projections, on random token ids;
 * ``load``: only the load that command does (``load_sharded`` on a one-device mesh).
 
