@@ -193,10 +193,12 @@ def test_jax_reports_its_compilations_under_the_event_the_trim_follows() -> None
     """The event name is JAX's: a listener on it sees a fresh compilation (a renamed event would
     leave the trim silently off)."""
     seen: list[float] = []
-    jax.monitoring.register_event_duration_secs_listener(
-        cpu.heap_trimmer(lambda pad: seen.append(pad) or 1, min_seconds=0.0)
-    )
-    jax.jit(lambda x: jnp.cumsum(jnp.sin(x) * 3.25))(jnp.ones((7, 13))).block_until_ready()
+    listener = cpu.heap_trimmer(lambda pad: seen.append(pad) or 1, min_seconds=0.0)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        jax.jit(lambda x: jnp.cumsum(jnp.sin(x) * 3.25))(jnp.ones((7, 13))).block_until_ready()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
     assert seen
 
 
