@@ -4,9 +4,10 @@ One random-weight checkpoint of a Llama-family shape (``bench/cpu_train.py``'s s
 written in float32, and its NF4 checkpoint (double quant, block 64) beside it; then each case
 runs in a fresh process of its own, twice:
 
-* ``train``: ``qlora-spec train`` (the console script's ``python -m jax_impl.apps.cli``, so under
-  the same glibc tunable, the heap trimmed after each long compilation) for 3 steps of the shape's batch (4 x 128 for ``smollm2-135m``), LoRA
-  r=16 alpha=32 on all seven projections, on random token ids;
+* ``train``: ``qlora-spec train`` (the console script's ``python -m jax_impl.apps.cli``, so
+  under the same glibc tunable, the heap trimmed after each long compilation) for 3 steps of
+  the shape's batch (4 x 128 for ``smollm2-135m``), LoRA r=16 alpha=32 on all seven
+  projections, on random token ids;
 * ``load``: only the load that command does (``load_sharded`` on a one-device mesh).
 
 The figure is the process's peak resident set (``ru_maxrss`` of that child, from
