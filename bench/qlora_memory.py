@@ -18,6 +18,11 @@ round, then the differences of each QLoRA case to LoRA in MB (10^6 bytes)::
     python bench/qlora_memory.py --shape smollm2-135m
     python bench/qlora_memory.py --shape smollm2-135m --rounds 2 --keep /tmp/ckpts
 
+Flags after ``--`` go to every case's ``qlora-spec train`` command, e.g. the layer loop and
+rematerialisation that trade step time for memory::
+
+    python bench/qlora_memory.py --shape smollm2-135m -- --layer-loop scan --remat full
+
 Memory figures do not depend on other load on the machine, so they may be taken on a busy one.
 """
 
@@ -90,8 +95,16 @@ def run_child(argv: list[str], log: Path) -> tuple[int, str]:
     return usage.ru_maxrss * 1024, out_path.read_text()  # ru_maxrss: KiB on Linux
 
 
-def train_argv(model_dir: Path, method: str, data: Path, out: Path, s: dict[str, Any]) -> list[str]:
-    """The ``qlora-spec train`` command line of one case: ``STEPS`` steps of the shape's batch."""
+def train_argv(
+    model_dir: Path,
+    method: str,
+    data: Path,
+    out: Path,
+    s: dict[str, Any],
+    flags: tuple[str, ...] = (),
+) -> list[str]:
+    """The ``qlora-spec train`` command line of one case: ``STEPS`` steps of the shape's batch,
+    then ``flags``."""
     return [
         sys.executable,
         "-m",
@@ -120,6 +133,7 @@ def train_argv(model_dir: Path, method: str, data: Path, out: Path, s: dict[str,
         *TARGETS,
         "--checkpoint-interval",
         str(STEPS + 1),
+        *flags,
     ]
 
 
@@ -152,7 +166,13 @@ def main() -> None:
     p.add_argument("--keep", type=Path, help="write the checkpoints here and keep them")
     p.add_argument("--load-only", nargs=2, metavar=("MODEL_DIR", "METHOD"), help=argparse.SUPPRESS)
     p.add_argument("--write", type=Path, metavar="ROOT", help=argparse.SUPPRESS)
+    p.add_argument(
+        "train_flags",
+        nargs=argparse.REMAINDER,
+        help="after --: flags added to every case's qlora-spec train command",
+    )
     args = p.parse_args()
+    flags = args.train_flags[1:] if args.train_flags[:1] == ["--"] else args.train_flags
     if args.load_only:
         load_only(*args.load_only)
         return
@@ -175,7 +195,7 @@ def main() -> None:
         for r in range(args.rounds):
             for method, source in CASES:
                 case = f"{method}-{source}"
-                argv = train_argv(dirs[source], method, data, tmp / case, s)
+                argv = train_argv(dirs[source], method, data, tmp / case, s, tuple(flags))
                 train_peak, _ = run_child(argv, tmp / f"{case}-train.log")
                 load_argv = [sys.executable, __file__, "--load-only", str(dirs[source]), method]
                 load_peak, out = run_child(load_argv, tmp / f"{case}-load.log")
@@ -183,10 +203,11 @@ def main() -> None:
                 for phase, peak in (("train", train_peak), ("load", load_peak)):
                     peaks.setdefault((phase, method, source), []).append(peak)
                 line = {"round": r, "shape": args.shape, "method": method, "checkpoint": source}
+                line["train_flags"] = flags
                 line.update(train_peak_rss=train_peak, load_peak_rss=load_peak, held=held)
                 print(json.dumps(line), flush=True)
         mb = 1e6
-        summary: dict[str, Any] = {"shape": args.shape, "rounds": args.rounds}
+        summary: dict[str, Any] = {"shape": args.shape, "rounds": args.rounds, "train_flags": flags}
         for phase in ("train", "load"):
             lora = statistics.median(peaks[(phase, "lora", "float")])
             for source in ("float", "nf4"):
