@@ -147,9 +147,9 @@ class EngineConfig:
         metadata={
             "help": "how training and scoring run the blocks: scan (one block's program, "
             "compiled once) or unroll (each block its own code: a longer compile, 3-4x at 30 "
-            "layers); auto unrolls under bfloat16 compute on a CPU, where XLA's scan widens "
-            "the stacked bf16 weights and saved activations to float32 on every step, and "
-            "scans elsewhere"
+            "layers); auto unrolls under bfloat16 compute on a CPU without --remat, where "
+            "XLA's scan widens the stacked bf16 weights and saved activations to float32 on "
+            "every step, and scans elsewhere"
         },
     )
     quantize: bool = field(
@@ -192,13 +192,17 @@ class EngineConfig:
         ``attention="auto"`` becomes ``"cudnn"`` on a GPU with bfloat16 compute and a head dim
         cuDNN's flash kernel takes on every supported GPU (a multiple of 8, at most 128), and
         ``"einsum"`` otherwise. ``layer_loop="auto"`` becomes ``"unroll"`` on a CPU with
-        bfloat16 compute and ``"scan"`` otherwise: XLA's CPU backend slices and updates bf16
-        stacks through float32, so a scanned bf16 step converts every stacked kernel and
-        saved activation twice (unrolled, ``bench/cpu_train.py``'s SmolLM2-135M shape steps
-        1.03-1.57x faster for LoRA, 1.57-1.75x for QLoRA, and compiles 3-4x longer; QLoRA's
-        dequantized kernels are then held through the step, about LoRA's peak memory; under
-        float32 unrolling gains nothing). An explicit ``"cudnn"`` off a GPU, or without bfloat16
-        compute, raises ValueError. Resolving a resolved config returns it unchanged.
+        bfloat16 compute and ``remat="none"``, and ``"scan"`` otherwise: XLA's CPU backend
+        slices and updates bf16 stacks through float32, so a scanned bf16 step converts every
+        stacked kernel and saved activation twice (unrolled, ``bench/cpu_train.py``'s
+        SmolLM2-135M shape steps 1.03-1.57x faster for LoRA, 1.57-1.75x for QLoRA, and
+        compiles 3-4x longer; QLoRA's dequantized kernels are then held through the step,
+        about LoRA's peak memory; under float32 unrolling gains nothing). A remat policy asks
+        for memory, and the scan serves it: at that shape under bf16, unrolled with one the
+        step was no faster and its process peaked 0.9-1.4 GB higher; scanned with
+        ``remat="full"`` QLoRA trains in less than half the memory of the unrolled step
+        without remat, for a step 1.3x as long. An explicit ``"cudnn"`` off a GPU, or without
+        bfloat16 compute, raises ValueError. Resolving a resolved config returns it unchanged.
         """
         backend = jax.default_backend() if backend is None else backend
         dtype = self.dtype
@@ -223,7 +227,8 @@ class EngineConfig:
             attention = "cudnn" if backend == "gpu" and dtype == "bfloat16" and takes else "einsum"
         loop = self.layer_loop
         if loop == "auto":
-            loop = "unroll" if backend == "cpu" and dtype == "bfloat16" else "scan"
+            unroll = backend == "cpu" and dtype == "bfloat16" and self.remat == "none"
+            loop = "unroll" if unroll else "scan"
         return dataclasses.replace(self, dtype=dtype, attention=attention, layer_loop=loop)
 
     @property

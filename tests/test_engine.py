@@ -388,6 +388,9 @@ def test_auto_choices(backend: str, dtype: str, cfg: ModelConfig, want: tuple[st
     assert (eng.dtype, eng.attention) == want
     # XLA's CPU backend handles bf16 stacks through float32: the blocks run unrolled there
     assert eng.layer_loop == ("unroll" if (backend, want[0]) == ("cpu", "bfloat16") else "scan")
+    for remat in ("full", "dots", "attn_out"):  # asked for memory: scanned everywhere
+        with_remat = EngineConfig(dtype=dtype, remat=remat).resolve(cfg, backend, cpu_bf16)  # type: ignore[arg-type]
+        assert (with_remat.dtype, with_remat.layer_loop) == (want[0], "scan")
     assert eng.resolve(cfg, backend, cpu_bf16) == eng  # resolving again changes nothing
     for explicit in ("xla", "einsum"):  # an explicit path is kept
         got = EngineConfig(dtype=dtype, attention=explicit).resolve(cfg, backend, cpu_bf16)  # type: ignore[arg-type]
