@@ -415,6 +415,16 @@ class Table(nnx.Module):
         self.embedding = variable(base, w.astype(param_dtype), axes)
 
 
+def _to_bits(a: Array, wide: bool) -> Array:
+    """A bf16 array as its uint16 bits (``wide``), anything else as it is."""
+    return jax.lax.bitcast_convert_type(a, jnp.uint16) if wide else a
+
+
+def _from_bits(a: Array, wide: bool) -> Array:
+    """Inverse of ``_to_bits``."""
+    return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if wide else a
+
+
 class Model(nnx.Module):
     """The decoder: ``Model(cfg, lora, eng, rngs=...)(ids) -> logits [B, T, V]``.
 
@@ -620,10 +630,26 @@ class Model(nnx.Module):
 
         carry: Carry = (x, cache)
         if cache is None:
-            if eng.remat != "none":
-                body = jax.checkpoint(body, policy=REMAT_POLICIES[eng.remat])
             unroll = eng.layer_loop == "unroll"
-            (x, _), _ = jax.lax.scan(body, carry, (stacked, keys, windows, None), unroll=unroll)
+            step: Callable[..., tuple[Carry, None]] = body
+            scanned: Any = stacked
+            if not unroll and x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+                # XLA's CPU backend slices a bf16 stack through a float32 copy of the whole
+                # stack, made once per step. The frozen stacks go through the scan as their
+                # bits instead (uint16, exact; a bitcast has no gradient, so never the trained
+                # ones), each layer's slice turned back into bf16 inside the body.
+                trained, frozen = nnx.split_state(stacked, nnx.Param, ...)
+                wide = jax.tree.map(lambda a: a.dtype == jnp.bfloat16, frozen)
+
+                def step(carry: Carry, xs: tuple[Any, ...]) -> tuple[Carry, None]:
+                    (tr, bits), *rest = xs
+                    fr = jax.tree.map(_from_bits, bits, wide)
+                    return body(carry, (nnx.merge_state(tr, fr), *rest))
+
+                scanned = (trained, jax.tree.map(_to_bits, frozen, wide))
+            if eng.remat != "none":
+                step = jax.checkpoint(step, policy=REMAT_POLICIES[eng.remat])
+            (x, _), _ = jax.lax.scan(step, carry, (scanned, keys, windows, None), unroll=unroll)
             return x, None  # [B,T,D]
         # With a cache (decoding) the layers run one after the other on their own states. A
         # scan over the stack would slice (copy) every weight of the model on each call: at

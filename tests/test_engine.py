@@ -43,7 +43,7 @@ from ref_numpy.model import model_forward
 from tests.helpers import RTOL, rel_err
 from tests.test_memory import saved_float_residuals
 from tests.test_model import CONFIGS, V, random_params
-from tests.test_parity import engine_loss_and_grads, make_case
+from tests.test_parity import engine_loss_and_grads, loss_fn, make_case
 
 B, T = 3, 7
 
@@ -255,6 +255,37 @@ def _remat_case(data: dict[str, np.ndarray]) -> None:
             for path, g in want.items():
                 assert rel_err(grads[path], g) <= RTOL["float64"], (method, case, path)
     assert len(results) == 8
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_bf16_scan_on_cpu_takes_frozen_stacks_as_bits(method: str) -> None:
+    """Under bf16 compute on a CPU the scan takes the frozen bf16 stacks as their uint16 bits
+    (``Model.hidden_states``), never the trained ones (full fine-tuning's bf16 weights): the
+    loss and every gradient leaf equal the unrolled blocks' bit for bit, and the scanned
+    program bitcasts exactly when something frozen is bf16."""
+    rng = np.random.default_rng(21)
+    ids = rng.integers(0, V, size=(B, T))
+    data = {"ids": ids, "labels": ids, "attention_mask_2d": np.ones((B, T), dtype=int)}
+    params, cfg, lcfg = make_case("llama-gqa-rope3", method, np.random.default_rng(22))
+    results, programs = {}, {}
+    for loop in ("scan", "unroll"):
+        eng = EngineConfig(param_dtype="bfloat16", dtype="bfloat16", remat="full", layer_loop=loop)
+        eng = dataclasses.replace(eng, quantize=method == "qlora")
+        model = from_spec(params, cfg, lcfg, eng)
+        results[loop] = engine_loss_and_grads(model, data, None, jax.jit)
+        graphdef, trained, rest = nnx.split(model, nnx.Param, ...)
+        grad = jax.grad(lambda p, r, g=graphdef: loss_fn(g, p, r, data, None))
+        programs[loop] = str(jax.make_jaxpr(grad)(trained, rest))
+    (loss, grads), (want_loss, want) = results["scan"], results["unroll"]
+    assert loss == want_loss
+    assert grads.keys() == want.keys() and len(want) > 0
+    for path, g in want.items():
+        assert np.abs(g).max() > 0 or "bias" in path, path  # the gradients flow
+        np.testing.assert_array_equal(grads[path], g, err_msg=path)
+    # full fine-tuning trains every bf16 weight (no frozen stack is bf16); LoRA's base is
+    # frozen bf16; QLoRA's frozen bf16 stacks are its norms
+    assert ("bitcast_convert_type" in programs["scan"]) == (method != "full")
+    assert "bitcast_convert_type" not in programs["unroll"]
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
