@@ -194,7 +194,8 @@ class EngineConfig:
         ``"einsum"`` otherwise. ``layer_loop="auto"`` becomes ``"unroll"`` on a CPU with
         bfloat16 compute and ``remat="none"``, and ``"scan"`` otherwise: XLA's CPU backend
         slices and updates bf16 stacks through float32, so a scanned bf16 step converts every
-        stacked kernel and saved activation twice (unrolled, ``bench/cpu_train.py``'s
+        trained stacked kernel (the frozen ones pass as their bits, ``hidden_states``) and
+        saved activation twice (unrolled, ``bench/cpu_train.py``'s
         SmolLM2-135M shape steps 1.03-1.57x faster for LoRA, 1.57-1.75x for QLoRA, and
         compiles 3-4x longer; QLoRA's dequantized kernels are then held through the step,
         about LoRA's peak memory; under float32 unrolling gains nothing). A remat policy asks
