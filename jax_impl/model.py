@@ -634,11 +634,14 @@ class Model(nnx.Module):
             unroll = eng.layer_loop == "unroll"
             step: Callable[..., tuple[Carry, None]] = body
             scanned: Any = stacked
-            if not unroll and x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+            bits = not unroll and eng.remat != "none" and x.dtype == jnp.bfloat16
+            if bits and jax.default_backend() == "cpu":
                 # XLA's CPU backend slices a bf16 stack through a float32 copy of the whole
                 # stack, made once per step. The frozen stacks go through the scan as their
                 # bits instead (uint16, exact; a bitcast has no gradient, so never the trained
-                # ones), each layer's slice turned back into bf16 inside the body.
+                # ones), each layer's slice turned back into bf16 inside the checkpointed body.
+                # Without a remat policy the backward pass would keep every layer's bf16
+                # slices, stacked through float32: the scan then takes the stacks as they are.
                 trained, frozen = nnx.split_state(stacked, nnx.Param, ...)
                 wide = jax.tree.map(lambda a: a.dtype == jnp.bfloat16, frozen)
 

@@ -259,10 +259,10 @@ def _remat_case(data: dict[str, np.ndarray]) -> None:
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_bf16_scan_on_cpu_takes_frozen_stacks_as_bits(method: str) -> None:
-    """Under bf16 compute on a CPU the scan takes the frozen bf16 stacks as their uint16 bits
-    (``Model.hidden_states``), never the trained ones (full fine-tuning's bf16 weights): the
-    loss and every gradient leaf equal the unrolled blocks' bit for bit, and the scanned
-    program bitcasts exactly when something frozen is bf16."""
+    """Under bf16 compute on a CPU and a remat policy the scan takes the frozen bf16 stacks as
+    their uint16 bits (``Model.hidden_states``), never the trained ones (full fine-tuning's
+    bf16 weights): the loss and every gradient leaf equal the unrolled blocks' bit for bit,
+    and the scanned program bitcasts exactly when something frozen is bf16."""
     rng = np.random.default_rng(21)
     ids = rng.integers(0, V, size=(B, T))
     data = {"ids": ids, "labels": ids, "attention_mask_2d": np.ones((B, T), dtype=int)}
@@ -286,6 +286,12 @@ def test_bf16_scan_on_cpu_takes_frozen_stacks_as_bits(method: str) -> None:
     # frozen bf16; QLoRA's frozen bf16 stacks are its norms
     assert ("bitcast_convert_type" in programs["scan"]) == (method != "full")
     assert "bitcast_convert_type" not in programs["unroll"]
+    # without a remat policy the backward pass would keep the slices: no bits
+    eng = EngineConfig(param_dtype="bfloat16", dtype="bfloat16", layer_loop="scan")
+    model = from_spec(params, cfg, lcfg, dataclasses.replace(eng, quantize=method == "qlora"))
+    graphdef, trained, rest = nnx.split(model, nnx.Param, ...)
+    grad = jax.grad(lambda p, r: loss_fn(graphdef, p, r, data, None))
+    assert "bitcast_convert_type" not in str(jax.make_jaxpr(grad)(trained, rest))
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
