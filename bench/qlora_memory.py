@@ -172,7 +172,7 @@ def main() -> None:
         help="after --: flags added to every case's qlora-spec train command",
     )
     args = p.parse_args()
-    flags = args.train_flags[1:] if args.train_flags[:1] == ["--"] else args.train_flags
+    flags = tuple(args.train_flags[1:] if args.train_flags[:1] == ["--"] else args.train_flags)
     if args.load_only:
         load_only(*args.load_only)
         return
@@ -195,7 +195,7 @@ def main() -> None:
         for r in range(args.rounds):
             for method, source in CASES:
                 case = f"{method}-{source}"
-                argv = train_argv(dirs[source], method, data, tmp / case, s, tuple(flags))
+                argv = train_argv(dirs[source], method, data, tmp / case, s, flags)
                 train_peak, _ = run_child(argv, tmp / f"{case}-train.log")
                 load_argv = [sys.executable, __file__, "--load-only", str(dirs[source]), method]
                 load_peak, out = run_child(load_argv, tmp / f"{case}-load.log")

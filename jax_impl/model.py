@@ -634,8 +634,8 @@ class Model(nnx.Module):
             unroll = eng.layer_loop == "unroll"
             step: Callable[..., tuple[Carry, None]] = body
             scanned: Any = stacked
-            bits = not unroll and eng.remat != "none" and x.dtype == jnp.bfloat16
-            if bits and jax.default_backend() == "cpu":
+            as_bits = not unroll and eng.remat != "none" and x.dtype == jnp.bfloat16
+            if as_bits and jax.default_backend() == "cpu":
                 # XLA's CPU backend slices a bf16 stack through a float32 copy of the whole
                 # stack, made once per step. The frozen stacks go through the scan as their
                 # bits instead (uint16, exact; a bitcast has no gradient, so never the trained
