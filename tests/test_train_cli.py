@@ -662,3 +662,32 @@ def test_qlora_block_size_and_double_quant_are_flags(
     # a different quantization of the same base gives a (slightly) different first loss
     assert losses[128] != losses[64]
     assert losses[128] == pytest.approx(losses[64], rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "method, flags, said",
+    [
+        ("qlora", (), True),
+        ("qlora", ("--remat", "full"), False),  # scanned: one layer's kernels at a time
+        ("qlora", ("--layer-loop", "unroll"), False),  # asked for by name
+        ("lora", (), False),  # nothing dequantized
+    ],
+)
+def test_unrolled_qlora_says_what_it_keeps(
+    model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    method: str,
+    flags: tuple[str, ...],
+    said: bool,
+) -> None:
+    data = write_chat_data(tmp_path / "chat.jsonl", n=8)
+    args = train_args(model_dir, data, tmp_path / "run", "--steps", "1", "--dtype", "bfloat16")
+    args[args.index("--method") + 1] = method
+    assert main([*args, *flags]) == 0
+    err = capsys.readouterr().err
+    # 2 layers of q, o [32, 32], k, v [32, 16], gate, up, down [32, 64]: 18,432 bf16 weights
+    note = "the step keeps every layer's dequantized kernels (0.0352 MiB)"
+    assert (note in err) == said, err
+    if said:
+        assert "--remat full scans the blocks" in err

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any, Literal, cast
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -604,6 +605,8 @@ def _run(tc: TrainConfig, progress: bool, stop: StopRequests) -> dict[str, Any]:
     # each device reads its own pieces of the checkpoint: no process holds the whole model
     lora = None if tc.method == "full" else tc.lora
     cfg, model = load_sharded(tc.model, lora, tc.engine, mesh)
+    if lead and (message := unrolled_qlora_note(tc.engine, model)):
+        _note(message)
     dpo = tc.dpo if tc.objective == "dpo" else None
     prepare = prepare_rows if dpo is None else prepare_pairs
     rows, held, tok, stats = prepare(tc, max_length, cfg.vocab_size)
@@ -927,6 +930,31 @@ def check_unchanged(work: Path, record: dict[str, Any]) -> None:
         )
 
 
+def projection_params(cfg: ModelConfig) -> int:
+    """Weights in the blocks' projections (attention's and the MLP's, every layer): what NF4
+    holds in 4 bits."""
+    shapes = (*attn_shapes(cfg).values(), *mlp_shapes(cfg).values())
+    return cfg.n_layers * sum(int(np.prod(s)) for s in shapes)
+
+
+def unrolled_qlora_note(asked: EngineConfig, model: Model) -> str | None:
+    """What to tell a QLoRA run whose ``--layer-loop auto`` unrolled the blocks (bfloat16
+    compute on a CPU without ``--remat``), or None: unrolled, the step keeps every layer's
+    dequantized kernels for the backward pass, most of what NF4 saves, and ``--remat full``
+    takes it back for a longer step (``EngineConfig.resolve``)."""
+    eng = model.eng
+    if not (eng.quantize and asked.layer_loop == "auto" and eng.layer_loop == "unroll"):
+        return None
+    mib = projection_params(model.cfg) * jnp.dtype(eng.dtype).itemsize / 2.0**20
+    held = f"{mib:,.0f}" if mib >= 100 else f"{mib:.3g}"
+    return (
+        f"--method qlora: the blocks run unrolled under {eng.dtype} on this CPU, for speed, "
+        f"and the step keeps every layer's dequantized kernels ({held} MiB) for the "
+        "backward pass; --remat full scans the blocks, dequantizing one layer at a time, for "
+        "less memory and a longer step"
+    )
+
+
 def run_summary(
     model: Model, stats: dict[str, Any], steps: int, last: dict[str, Any]
 ) -> dict[str, Any]:
@@ -937,8 +965,7 @@ def run_summary(
     cfg, eng = model.cfg, model.eng
     trainable = trainable_params(model)  # the selected layers' adapters only
     base = hf.n_params(cfg)
-    proj = sum(int(np.prod(s)) for s in (*attn_shapes(cfg).values(), *mlp_shapes(cfg).values()))
-    proj *= cfg.n_layers
+    proj = projection_params(cfg)
 
     def gib(bits_per_proj_param: float) -> float:
         return ((base - proj) * 16 + proj * bits_per_proj_param) / 8 / 2.0**30
