@@ -267,15 +267,21 @@ def test_bf16_scan_on_cpu_takes_frozen_stacks_as_bits(method: str) -> None:
     ids = rng.integers(0, V, size=(B, T))
     data = {"ids": ids, "labels": ids, "attention_mask_2d": np.ones((B, T), dtype=int)}
     params, cfg, lcfg = make_case("llama-gqa-rope3", method, np.random.default_rng(22))
+
+    def model_of(**engine: Any) -> Model:
+        eng = EngineConfig(param_dtype="bfloat16", dtype="bfloat16", **engine)
+        return from_spec(params, cfg, lcfg, dataclasses.replace(eng, quantize=method == "qlora"))
+
+    def gradient_program(model: Model) -> str:
+        graphdef, trained, rest = nnx.split(model, nnx.Param, ...)
+        grad = jax.grad(lambda p, r: loss_fn(graphdef, p, r, data, None))
+        return str(jax.make_jaxpr(grad)(trained, rest))
+
     results, programs = {}, {}
     for loop in ("scan", "unroll"):
-        eng = EngineConfig(param_dtype="bfloat16", dtype="bfloat16", remat="full", layer_loop=loop)
-        eng = dataclasses.replace(eng, quantize=method == "qlora")
-        model = from_spec(params, cfg, lcfg, eng)
+        model = model_of(remat="full", layer_loop=loop)
         results[loop] = engine_loss_and_grads(model, data, None, jax.jit)
-        graphdef, trained, rest = nnx.split(model, nnx.Param, ...)
-        grad = jax.grad(lambda p, r, g=graphdef: loss_fn(g, p, r, data, None))
-        programs[loop] = str(jax.make_jaxpr(grad)(trained, rest))
+        programs[loop] = gradient_program(model)
     (loss, grads), (want_loss, want) = results["scan"], results["unroll"]
     assert loss == want_loss
     assert grads.keys() == want.keys() and len(want) > 0
@@ -287,11 +293,7 @@ def test_bf16_scan_on_cpu_takes_frozen_stacks_as_bits(method: str) -> None:
     assert ("bitcast_convert_type" in programs["scan"]) == (method != "full")
     assert "bitcast_convert_type" not in programs["unroll"]
     # without a remat policy the backward pass would keep the slices: no bits
-    eng = EngineConfig(param_dtype="bfloat16", dtype="bfloat16", layer_loop="scan")
-    model = from_spec(params, cfg, lcfg, dataclasses.replace(eng, quantize=method == "qlora"))
-    graphdef, trained, rest = nnx.split(model, nnx.Param, ...)
-    grad = jax.grad(lambda p, r: loss_fn(graphdef, p, r, data, None))
-    assert "bitcast_convert_type" not in str(jax.make_jaxpr(grad)(trained, rest))
+    assert "bitcast_convert_type" not in gradient_program(model_of(layer_loop="scan"))
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
