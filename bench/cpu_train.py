@@ -13,6 +13,11 @@ second of each round and their median. Shapes:
 ``--method qlora`` quantizes the frozen base to NF4 (double quant, block 64) on both sides:
 the peer loads it through transformers' ``BitsAndBytesConfig`` with float32 compute.
 
+``--remat full`` trains both sides for memory: the engine recomputes each block in the
+backward pass (``EngineConfig.remat``; under bf16 on a CPU its blocks are then scanned), the
+peer with transformers' gradient checkpointing (non-reentrant), which PEFT's QLoRA preparation
+(``prepare_model_for_kbit_training``) turns on by default.
+
 ``--dtype bf16`` (or ``bfloat16``) adds a bf16 pair to every round, as a CPU user with bf16
 matrix units (AMX, AVX512-BF16) runs it: the engine with ``EngineConfig(dtype="bfloat16")``
 (float32 adapters, AdamW state and loss), the peer under ``torch.autocast("cpu",
@@ -23,6 +28,7 @@ those units the CPU has (``cpu_flags``) and what ``dtype="auto"`` resolves to on
     python bench/cpu_train.py                       # needs the interop extra
     python bench/cpu_train.py --shape smollm2-135m --rounds 3
     python bench/cpu_train.py --dtype bf16 --method qlora
+    python bench/cpu_train.py --dtype bf16 --method qlora --remat full
 
 The engine side runs under the settings ``qlora-spec`` gives itself (``jax_impl/cpu.py``: the
 glibc tunable ``glibc.malloc.hugetlb=1``, and XLA's 512-bit vectors on a CPU with bf16 matrix
@@ -86,7 +92,13 @@ def cpu_flags() -> list[str]:
 
 
 def engine_side(
-    s: dict[str, Any], method: str, dtype: str, ids: np.ndarray, warmup: int, steps: int
+    s: dict[str, Any],
+    method: str,
+    dtype: str,
+    remat: str,
+    ids: np.ndarray,
+    warmup: int,
+    steps: int,
 ) -> dict:
     import jax
     from flax import nnx
@@ -97,7 +109,7 @@ def engine_side(
 
     cfg = engine_config(s)
     lora = LoraConfig(rank=16, alpha=32.0, targets=TARGETS)
-    eng = EngineConfig(quantize=method == "qlora", dtype=dtype)  # type: ignore[arg-type]
+    eng = EngineConfig(quantize=method == "qlora", dtype=dtype, remat=remat)  # type: ignore[arg-type]
     model = Model(cfg, lora, eng, rngs=nnx.Rngs(0))
     trainer = Trainer.create(model, OptimConfig(lr=1e-4, total_steps=10_000, max_grad_norm=None))
     batch = {"input_ids": ids[None], "labels": ids[None]}
@@ -107,12 +119,20 @@ def engine_side(
 
 
 def peer_side(
-    s: dict[str, Any], method: str, dtype: str, ids: np.ndarray, warmup: int, steps: int
+    s: dict[str, Any],
+    method: str,
+    dtype: str,
+    remat: str,
+    ids: np.ndarray,
+    warmup: int,
+    steps: int,
 ) -> dict:
     import peft
     import torch
 
     model = peer_model(s, method, "cpu", torch.float32)
+    if remat == "full":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lcfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(TARGETS))
     model = peft.get_peft_model(model, lcfg)
     model.train()
@@ -130,6 +150,9 @@ def peer_side(
 
     times = timed(step, warmup, steps)
     versions = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    versions["checkpointing"] = any(
+        getattr(m, "gradient_checkpointing", False) for m in model.modules()
+    )
     return {"side": "peer", **versions, "times": times}
 
 
@@ -139,7 +162,7 @@ def run_side(args: argparse.Namespace) -> None:
     ids = np.random.default_rng(0).integers(0, s["V"], size=(s["B"], s["T"])).astype(np.int32)
     side = engine_side if args.side == "engine" else peer_side
     dtype = run_dtypes(args.dtype)[-1]
-    out = side(s, args.method, dtype, ids, args.warmup, args.steps)
+    out = side(s, args.method, dtype, args.remat, ids, args.warmup, args.steps)
     med = statistics.median(out["times"])
     out.update(s_per_step=med, tokens_per_s=s["B"] * s["T"] / med)
     print(json.dumps(out))
@@ -156,7 +179,7 @@ def engine_env(settings: bool) -> dict[str, str]:
 def spawn(args: argparse.Namespace, side: str, dtype: str, env: dict[str, str]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--shape", args.shape]
     cmd += ["--method", args.method, "--warmup", str(args.warmup), "--steps", str(args.steps)]
-    cmd += ["--dtype", dtype]
+    cmd += ["--dtype", dtype, "--remat", args.remat]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         sys.exit(f"{side} side failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -168,6 +191,13 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="default")
     p.add_argument("--method", choices=["lora", "qlora"], default="lora")
     add_dtype_option(p, "under torch.autocast")
+    p.add_argument(
+        "--remat",
+        choices=["none", "full"],
+        default="none",
+        help="full: the engine recomputes each block in the backward pass, the peer with "
+        "gradient checkpointing",
+    )
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of both sides")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per process")
     p.add_argument("--steps", type=int, default=8, help="timed steps per process")
@@ -186,7 +216,7 @@ def main() -> None:
 
     dtypes = run_dtypes(args.dtype)
     envs = {"engine": engine_env(not args.env_as_is), "peer": dict(os.environ)}
-    head = {"shape": args.shape, "method": args.method, "dtypes": dtypes, **s}
+    head = {"shape": args.shape, "method": args.method, "dtypes": dtypes, "remat": args.remat, **s}
     auto = EngineConfig().resolve(engine_config(s), "cpu").dtype
     head.update(cpus=os.cpu_count(), cpu_flags=cpu_flags(), auto_dtype=auto)
     settings = {
