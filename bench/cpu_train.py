@@ -13,10 +13,13 @@ second of each round and their median. Shapes:
 ``--method qlora`` quantizes the frozen base to NF4 (double quant, block 64) on both sides:
 the peer loads it through transformers' ``BitsAndBytesConfig`` with float32 compute.
 
-``--remat full`` trains both sides for memory: the engine recomputes each block in the
-backward pass (``EngineConfig.remat``; under bf16 on a CPU its blocks are then scanned), the
-peer with transformers' gradient checkpointing (non-reentrant), which PEFT's QLoRA preparation
-(``prepare_model_for_kbit_training``) turns on by default.
+``--remat`` says whether each side recomputes its blocks in the backward pass: the engine
+through ``EngineConfig.remat`` (under bf16 on a CPU its blocks are then scanned), the peer
+through transformers' gradient checkpointing (non-reentrant). ``auto``, the default, runs
+each method as its library sets it up: LoRA without recomputation on both sides, QLoRA with it
+on both, as ``EngineConfig.remat="auto"`` resolves and as PEFT's QLoRA preparation
+(``prepare_model_for_kbit_training``, which the peer's QLoRA goes through) turns it on by
+default. ``none`` and ``full`` set both sides.
 
 ``--dtype bf16`` (or ``bfloat16``) adds a bf16 pair to every round, as a CPU user with bf16
 matrix units (AMX, AVX512-BF16) runs it: the engine with ``EngineConfig(dtype="bfloat16")``
@@ -28,7 +31,7 @@ those units the CPU has (``cpu_flags``) and what ``dtype="auto"`` resolves to on
     python bench/cpu_train.py                       # needs the interop extra
     python bench/cpu_train.py --shape smollm2-135m --rounds 3
     python bench/cpu_train.py --dtype bf16 --method qlora
-    python bench/cpu_train.py --dtype bf16 --method qlora --remat full
+    python bench/cpu_train.py --dtype bf16 --method qlora --remat none
 
 The engine side runs under the settings ``qlora-spec`` gives itself (``jax_impl/cpu.py``: the
 glibc tunable ``glibc.malloc.hugetlb=1``, and XLA's 512-bit vectors on a CPU with bf16 matrix
@@ -115,7 +118,8 @@ def engine_side(
     batch = {"input_ids": ids[None], "labels": ids[None]}
     times = timed(lambda: jax.block_until_ready(trainer.step(batch)["loss"]), warmup, steps)
     versions = {"jax": jax.__version__, "backend": jax.default_backend()}
-    return {"side": "engine", **versions, "times": times}
+    how = {"remat": model.eng.remat, "layer_loop": model.eng.layer_loop}  # as resolved
+    return {"side": "engine", **versions, **how, "times": times}
 
 
 def peer_side(
@@ -131,8 +135,14 @@ def peer_side(
     import torch
 
     model = peer_model(s, method, "cpu", torch.float32)
-    if remat == "full":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing = remat == "full" or (remat == "auto" and method == "qlora")
+    kwargs = {"use_reentrant": False}
+    if method == "qlora":
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=kwargs
+        )
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     lcfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(TARGETS))
     model = peft.get_peft_model(model, lcfg)
     model.train()
@@ -193,10 +203,11 @@ def main() -> None:
     add_dtype_option(p, "under torch.autocast")
     p.add_argument(
         "--remat",
-        choices=["none", "full"],
-        default="none",
-        help="full: the engine recomputes each block in the backward pass, the peer with "
-        "gradient checkpointing",
+        choices=["auto", "none", "full"],
+        default="auto",
+        help="whether both sides recompute each block in the backward pass (the peer by "
+        "gradient checkpointing); auto: as each library sets the method up, QLoRA with it and "
+        "LoRA without",
     )
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of both sides")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per process")

@@ -63,7 +63,7 @@ from .nf4 import NF4State
 from .positional import RopeTables, learned, rope_inv_freq, rope_tables, sinusoidal
 
 Array = jax.Array
-Remat = Literal["none", "full", "dots", "attn_out"]
+Remat = Literal["auto", "none", "full", "dots", "attn_out"]
 AttentionChoice = Literal["auto", "cudnn", "xla", "einsum"]
 LayerLoop = Literal["auto", "scan", "unroll"]
 
@@ -135,11 +135,12 @@ class EngineConfig:
         },
     )
     remat: Remat = field(
-        default="none",
+        default="auto",
         metadata={
             "help": "rematerialisation per block: none keeps every activation, full "
             "recomputes the block in the backward pass, dots keeps the projections' outputs, "
-            "attn_out keeps only the attention output"
+            "attn_out keeps only the attention output; auto is full for QLoRA (--method "
+            "qlora), trained for memory as PEFT's QLoRA preparation does, and none otherwise"
         },
     )
     layer_loop: LayerLoop = field(
@@ -147,9 +148,9 @@ class EngineConfig:
         metadata={
             "help": "how training and scoring run the blocks: scan (one block's program, "
             "compiled once) or unroll (each block its own code: a longer compile, 3-4x at 30 "
-            "layers); auto unrolls under bfloat16 compute on a CPU without --remat, where "
-            "XLA's scan widens the stacked bf16 weights and saved activations to float32 on "
-            "every step, and scans elsewhere"
+            "layers); auto unrolls under bfloat16 compute on a CPU where --remat is none, "
+            "where XLA's scan widens the stacked bf16 weights and saved activations to "
+            "float32 on every step, and scans elsewhere"
         },
     )
     quantize: bool = field(
@@ -182,18 +183,22 @@ class EngineConfig:
     def resolve(
         self, cfg: ModelConfig, backend: str | None = None, cpu_bf16: bool | None = None
     ) -> EngineConfig:
-        """This config with ``dtype`` and ``attention`` made concrete for ``cfg`` on
-        ``backend`` (default: JAX's default backend, ``"cpu"``, ``"gpu"`` or ``"tpu"``);
-        ``cpu_bf16`` says whether the CPU has bf16 matrix units (default: ``cpu_bf16_units()``).
+        """This config with ``dtype``, ``attention``, ``remat`` and ``layer_loop`` made
+        concrete for ``cfg`` on ``backend`` (default: JAX's default backend, ``"cpu"``,
+        ``"gpu"`` or ``"tpu"``); ``cpu_bf16`` says whether the CPU has bf16 matrix units
+        (default: ``cpu_bf16_units()``).
 
         ``dtype="auto"`` becomes bfloat16 on GPU and TPU and on a CPU with bf16 matrix units
         (AMX or AVX512-BF16: on a Xeon with AMX a LoRA step of ``bench/cpu_train.py``'s
         default shape takes 0.54x the CPU time of the float32 one), float32 elsewhere.
         ``attention="auto"`` becomes ``"cudnn"`` on a GPU with bfloat16 compute and a head dim
         cuDNN's flash kernel takes on every supported GPU (a multiple of 8, at most 128), and
-        ``"einsum"`` otherwise. ``layer_loop="auto"`` becomes ``"unroll"`` on a CPU with
-        bfloat16 compute and ``remat="none"``, and ``"scan"`` otherwise: XLA's CPU backend
-        slices and updates bf16 stacks through float32, so a scanned bf16 step converts every
+        ``"einsum"`` otherwise. ``remat="auto"`` becomes ``"full"`` for QLoRA (``quantize``)
+        and ``"none"`` otherwise: QLoRA is the method chosen for memory, and PEFT's QLoRA
+        preparation (``prepare_model_for_kbit_training``) turns gradient checkpointing on by
+        default. ``layer_loop="auto"`` becomes ``"unroll"`` on a CPU with bfloat16 compute
+        and (resolved) ``remat="none"``, and ``"scan"`` otherwise: XLA's CPU backend slices
+        and updates bf16 stacks through float32, so a scanned bf16 step converts every
         trained stacked kernel (the frozen ones pass as their bits, ``hidden_states``) and
         saved activation twice (unrolled, ``bench/cpu_train.py``'s
         SmolLM2-135M shape steps 1.03-1.57x faster for LoRA, 1.57-1.75x for QLoRA, and
@@ -226,11 +231,16 @@ class EngineConfig:
         if attention == "auto":
             takes = cfg.hd % 8 == 0 and cfg.hd <= 128
             attention = "cudnn" if backend == "gpu" and dtype == "bfloat16" and takes else "einsum"
+        remat = self.remat
+        if remat == "auto":
+            remat = "full" if self.quantize else "none"
         loop = self.layer_loop
         if loop == "auto":
-            unroll = backend == "cpu" and dtype == "bfloat16" and self.remat == "none"
+            unroll = backend == "cpu" and dtype == "bfloat16" and remat == "none"
             loop = "unroll" if unroll else "scan"
-        return dataclasses.replace(self, dtype=dtype, attention=attention, layer_loop=loop)
+        return dataclasses.replace(
+            self, dtype=dtype, attention=attention, remat=remat, layer_loop=loop
+        )
 
     @property
     def frozen_dtype(self) -> str:

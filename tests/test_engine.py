@@ -401,7 +401,7 @@ def test_auto_resolves_to_float32_einsum_on_cpu() -> None:
     model = Model(LLAMA, None, EngineConfig(), rngs=nnx.Rngs(0))
     assert (model.eng.dtype, model.eng.attention) == ("float32", "einsum")
     assert jax.default_backend() != "cpu" or EngineConfig().resolve(WIDE) == EngineConfig(
-        dtype="float32", attention="einsum", layer_loop="scan"
+        dtype="float32", attention="einsum", remat="none", layer_loop="scan"
     )
     assert model(jnp.zeros((1, 3), jnp.int32)).dtype == jnp.float32
 
@@ -426,10 +426,20 @@ def test_auto_choices(backend: str, dtype: str, cfg: ModelConfig, want: tuple[st
     eng = EngineConfig(dtype=dtype).resolve(cfg, backend, cpu_bf16)  # type: ignore[arg-type]
     assert (eng.dtype, eng.attention) == want
     # XLA's CPU backend handles bf16 stacks through float32: the blocks run unrolled there
+    assert eng.remat == "none"
     assert eng.layer_loop == ("unroll" if (backend, want[0]) == ("cpu", "bfloat16") else "scan")
     for remat in ("full", "dots", "attn_out"):  # asked for memory: scanned everywhere
         with_remat = EngineConfig(dtype=dtype, remat=remat).resolve(cfg, backend, cpu_bf16)  # type: ignore[arg-type]
-        assert (with_remat.dtype, with_remat.layer_loop) == (want[0], "scan")
+        assert (with_remat.dtype, with_remat.remat, with_remat.layer_loop) == (
+            want[0],
+            remat,
+            "scan",
+        )
+    # QLoRA trains for memory unless told otherwise: every block recomputed, scanned
+    qlora = EngineConfig(dtype=dtype, quantize=True).resolve(cfg, backend, cpu_bf16)  # type: ignore[arg-type]
+    assert (qlora.dtype, qlora.remat, qlora.layer_loop) == (want[0], "full", "scan")
+    fast = EngineConfig(dtype=dtype, quantize=True, remat="none").resolve(cfg, backend, cpu_bf16)  # type: ignore[arg-type]
+    assert (fast.remat, fast.layer_loop) == ("none", eng.layer_loop)
     assert eng.resolve(cfg, backend, cpu_bf16) == eng  # resolving again changes nothing
     for explicit in ("xla", "einsum"):  # an explicit path is kept
         got = EngineConfig(dtype=dtype, attention=explicit).resolve(cfg, backend, cpu_bf16)  # type: ignore[arg-type]

@@ -556,7 +556,7 @@ def test_help_lists_every_flag_with_its_choices(capsys: pytest.CaptureFixture[st
         "--method {full,lora,qlora}",
         "--dtype {auto,float32,bfloat16,float64}",
         "--param-dtype {float32,bfloat16,float64}",
-        "--remat {none,full,dots,attn_out}",
+        "--remat {auto,none,full,dots,attn_out}",
         "--attention {auto,cudnn,xla,einsum}",
         "--offload-optimizer, --no-offload-optimizer",
         "--mesh AXES",
@@ -665,29 +665,20 @@ def test_qlora_block_size_and_double_quant_are_flags(
 
 
 @pytest.mark.parametrize(
-    "method, flags, said",
+    "method, flags, want",
     [
-        ("qlora", (), True),
-        ("qlora", ("--remat", "full"), False),  # scanned: one layer's kernels at a time
-        ("qlora", ("--layer-loop", "unroll"), False),  # asked for by name
-        ("lora", (), False),  # nothing dequantized
+        ("qlora", (), ("full", "scan")),  # trained for memory, one layer dequantized at a time
+        ("qlora", ("--remat", "none"), ("none", "unroll")),  # the fast step, asked for
+        ("lora", (), ("none", "unroll")),
     ],
 )
-def test_unrolled_qlora_says_what_it_keeps(
-    model_dir: Path,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    method: str,
-    flags: tuple[str, ...],
-    said: bool,
+def test_qlora_recomputes_its_blocks_unless_told_otherwise(
+    model_dir: Path, tmp_path: Path, method: str, flags: tuple[str, ...], want: tuple[str, str]
 ) -> None:
     data = write_chat_data(tmp_path / "chat.jsonl", n=8)
-    args = train_args(model_dir, data, tmp_path / "run", "--steps", "1", "--dtype", "bfloat16")
+    out = tmp_path / "run"
+    args = train_args(model_dir, data, out, "--steps", "1", "--dtype", "bfloat16")
     args[args.index("--method") + 1] = method
     assert main([*args, *flags]) == 0
-    err = capsys.readouterr().err
-    # 2 layers of q, o [32, 32], k, v [32, 16], gate, up, down [32, 64]: 18,432 bf16 weights
-    note = "the step keeps every layer's dequantized kernels (0.0352 MiB)"
-    assert (note in err) == said, err
-    if said:
-        assert "--remat full scans the blocks" in err
+    engine = json.loads((out / "summary.json").read_text())["engine"]
+    assert (engine["remat"], engine["layer_loop"]) == want

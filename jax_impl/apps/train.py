@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import IO, Any, Literal, cast
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -605,8 +604,6 @@ def _run(tc: TrainConfig, progress: bool, stop: StopRequests) -> dict[str, Any]:
     # each device reads its own pieces of the checkpoint: no process holds the whole model
     lora = None if tc.method == "full" else tc.lora
     cfg, model = load_sharded(tc.model, lora, tc.engine, mesh)
-    if lead and (message := unrolled_qlora_note(tc.engine, model)):
-        _note(message)
     dpo = tc.dpo if tc.objective == "dpo" else None
     prepare = prepare_rows if dpo is None else prepare_pairs
     rows, held, tok, stats = prepare(tc, max_length, cfg.vocab_size)
@@ -935,24 +932,6 @@ def projection_params(cfg: ModelConfig) -> int:
     holds in 4 bits."""
     shapes = (*attn_shapes(cfg).values(), *mlp_shapes(cfg).values())
     return cfg.n_layers * sum(int(np.prod(s)) for s in shapes)
-
-
-def unrolled_qlora_note(asked: EngineConfig, model: Model) -> str | None:
-    """What to tell a QLoRA run whose ``--layer-loop auto`` unrolled the blocks (bfloat16
-    compute on a CPU without ``--remat``), or None: unrolled, the step keeps every layer's
-    dequantized kernels for the backward pass, most of what NF4 saves, and ``--remat full``
-    takes it back for a longer step (``EngineConfig.resolve``)."""
-    eng = model.eng
-    if not (eng.quantize and asked.layer_loop == "auto" and eng.layer_loop == "unroll"):
-        return None
-    mib = projection_params(model.cfg) * jnp.dtype(eng.dtype).itemsize / 2.0**20
-    held = f"{mib:,.0f}" if mib >= 100 else f"{mib:.3g}"
-    return (
-        f"--method qlora: the blocks run unrolled under {eng.dtype} on this CPU, for speed, "
-        f"and the step keeps every layer's dequantized kernels ({held} MiB) for the "
-        "backward pass; --remat full scans the blocks, dequantizing one layer at a time, for "
-        "less memory and a longer step"
-    )
 
 
 def run_summary(
