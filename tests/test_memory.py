@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-import typing
 from collections import Counter
 from typing import Any
 
@@ -33,7 +32,7 @@ from flax import nnx
 
 from jax_impl import layers
 from jax_impl.layers import acc_dtype, cross_entropy, head_cross_entropy, matmul
-from jax_impl.model import EngineConfig, Model, Remat, causal_lm_loss
+from jax_impl.model import REMAT_POLICIES, EngineConfig, Model, causal_lm_loss
 from jax_impl.nf4 import NF4Kernel, dequantize_kernel
 from ref_numpy.config import LoraConfig, attn_shapes, llama_config, mlp_shapes
 from tests.helpers import rel_err
@@ -47,7 +46,7 @@ LORA = LoraConfig(
     targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 )
 B, T = 2, 40  # T matches no kernel dimension, so no activation looks like a kernel
-REMATS = list(typing.get_args(Remat))
+REMATS = ["none", *REMAT_POLICIES]
 
 
 def _kernel_shapes() -> set[tuple[int, int]]:
