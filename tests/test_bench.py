@@ -41,6 +41,7 @@ def test_flop_formula_counts_the_built_model(size: str) -> None:
     assert model_flops_per_token(s) == want
 
 
+@pytest.mark.slow
 def test_the_model_is_one_block_copied_to_every_layer() -> None:
     s = SHAPES["tiny"]
     cfg = engine_config(s, rope_theta=500000.0)

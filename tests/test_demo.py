@@ -88,6 +88,7 @@ def test_model_comes_from_the_adapter_or_is_required(
     assert "'org/model' is not a local directory; pass --model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_demo_fine_tune_is_the_train_command(tmp_path: Path, method: str) -> None:
     """The demo trains by ``fit`` in memory; ``qlora-spec train`` with the same recipe is a job

@@ -220,6 +220,7 @@ def test_attention_paths_with_packed_and_padded_rows(name: str, impl: str) -> No
     assert rel_err(np.asarray(out), ref) <= RTOL["float32"]
 
 
+@pytest.mark.slow
 def test_remat_policies_and_layer_loops_give_the_same_gradients() -> None:
     """Every policy, scanned and unrolled, LoRA and QLoRA, in float64: the loss and every
     gradient leaf equal those of the scan without rematerialisation (the recomputed forward
@@ -256,6 +257,7 @@ def _remat_case(data: dict[str, np.ndarray]) -> None:
     assert len(results) == 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_bf16_scan_on_cpu_takes_frozen_stacks_as_bits(method: str) -> None:
     """Under bf16 compute on a CPU and a remat policy the scan takes the frozen bf16 stacks as
@@ -538,6 +540,7 @@ def test_cudnn_attention_matches_einsum_in_bfloat16() -> None:
 # --- bfloat16 compute, float32 adapters, optimizer state and loss --------------------------
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_adapters_state_and_loss_in_float32() -> None:
     """Frozen base weights are stored bf16, adapters float32; the adapters' gradients, AdamW's
     moments and the loss are float32, and the loss is the float32 model's to bf16 accuracy."""
@@ -586,6 +589,7 @@ def _micro(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
 HAS_PINNED_HOST = "pinned_host" in [m.kind for m in jax.devices()[0].addressable_memories()]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not HAS_PINNED_HOST,
     reason=f"{jax.devices()[0].platform} device {jax.devices()[0]} has no pinned_host memory",

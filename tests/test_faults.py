@@ -301,6 +301,7 @@ def crash_harness(
         assert leftovers(where) == [], note
 
 
+@pytest.mark.slow
 def test_kill_anywhere_resumes_bitwise(
     model_dir: Path, data: dict[str, Path], env: dict, shared: Path, tmp_path: Path
 ) -> None:
@@ -329,6 +330,7 @@ def test_kill_anywhere_full(
 # --- one run per directory ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_run_is_refused_and_a_stale_lock_taken_over(
     model_dir: Path,
     data: dict[str, Path],

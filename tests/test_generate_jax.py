@@ -40,6 +40,7 @@ def engine(params: dict, name: str, lcfg: LoraConfig | None = None, qlora: bool 
     return from_spec(params, CONFIGS[name], lcfg, eng)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_equals_spec(name: str, rng: np.random.Generator, x64: None) -> None:
     cfg = CONFIGS[name]
@@ -52,6 +53,7 @@ def test_greedy_equals_spec(name: str, rng: np.random.Generator, x64: None) -> N
     assert len(np.unique(got[:, 5:])) > 1  # not a degenerate constant continuation
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "method"),
     [
@@ -123,6 +125,7 @@ def test_cache_sizes(rng: np.random.Generator) -> None:
         cache.grow(8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama-gqa-rope3", "mistral-window-yarn"])
 def test_growing_cache_equals_spec(
     name: str, rng: np.random.Generator, x64: None, monkeypatch: pytest.MonkeyPatch
@@ -183,6 +186,7 @@ def compiled_decode(model: Model, prompt: np.ndarray, new: int) -> str:
     return decode.lower(*args, **kwargs).compile().as_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama-gqa-rope3", "gpt2"])
 def test_bfloat16_decoding_on_cpu(name: str) -> None:
     """bf16 compute on a CPU, grouped (Llama) and one kv head per query head (GPT-2).
@@ -336,6 +340,7 @@ def test_errors_and_edges(rng: np.random.Generator) -> None:
 WINDOWED = ["mistral-window-yarn", "qwen3-window-linear"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", WINDOWED)
 def test_sliding_window_holds_in_cached_decoding(
     name: str, rng: np.random.Generator, x64: None
@@ -362,6 +367,7 @@ def test_sliding_window_holds_in_cached_decoding(
     np.testing.assert_allclose(unwindowed[:, :3], want[:, :3], rtol=1e-12)  # not before it
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 @pytest.mark.parametrize("name", WINDOWED)
 def test_cached_step_equals_full_forward(

@@ -80,6 +80,7 @@ def slots(model: Model) -> dict[str, np.ndarray]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(SELECTIONS))
 def test_engine_equals_spec(kind: str) -> None:
     """float64: logits and gradients (with dropout) equal the spec's; the unused slots get

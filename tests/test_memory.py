@@ -116,6 +116,7 @@ def test_remat_policies_keep_what_they_say() -> None:
     assert kept["attn_out"] == Counter({io_: 2}), kept["attn_out"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", REMATS)
 def test_qlora_backward_keeps_no_float_kernel(remat: str) -> None:
     loss, params, rest, ids = _loss_parts(True, remat)
@@ -141,6 +142,7 @@ def _memory(quantize: bool, remat: str) -> Any:
     return grad.lower(params, rest, ids).compile().memory_analysis()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", REMATS)
 def test_qlora_step_needs_less_memory_than_lora(remat: str) -> None:
     lora, qlora = _memory(False, remat), _memory(True, remat)
@@ -174,6 +176,7 @@ def _whole_loss(x: jax.Array, w: jax.Array, targets: jax.Array) -> jax.Array:
     return total * count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("chunk", "cpu_rows"), [(0, 512), (1, 512), (4, 512), (11, 512), (0, 5)])
 def test_head_loss_equals_the_whole_one(
     chunk: int, cpu_rows: int, monkeypatch: pytest.MonkeyPatch

@@ -192,6 +192,7 @@ def test_float32(name: str, method: str) -> None:
         assert err <= RTOL["float32"], f"{path}: {err:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rows", [3, 2])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa-rope3"])
@@ -269,6 +270,7 @@ def test_rope_vjp_is_the_spec_backward(x64: None) -> None:
     assert rel_err(forward_again, rope_backward(g, cache)) > 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_only_adapters_get_gradients(method: str) -> None:
     rng = np.random.default_rng(9)

@@ -330,6 +330,7 @@ def test_engine_steps_equal_the_spec(method: str, name: str) -> None:
     assert _worst(got, want) <= RTOL["float32"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_engine_bf16_steps_are_near_the_spec(method: str) -> None:
     """bf16 compute (float32 adapters, moments and loss): ``DPO_BF16_RTOL`` on each step's
@@ -355,6 +356,7 @@ def test_engine_bf16_steps_are_near_the_spec(method: str) -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("perturb", ["beta", "adapters_on", "prompt"])
 def test_perturbations_are_caught(perturb: str) -> None:
     """A different beta, a reference computed with the adapters on, or the prompt left in the
@@ -397,6 +399,7 @@ def _step_memory(method: str, remat: str, objective: DPOConfig | None) -> tuple[
     return int(stats.temp_size_in_bytes), int(stats.argument_size_in_bytes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_the_reference_costs_no_second_model(method: str, remat: str) -> None:

@@ -232,6 +232,7 @@ def test_shard_batch_takes_rows_of_tokens_or_of_values() -> None:
             shard_batch({"labels": np.zeros(shape)}, mesh)
 
 
+@pytest.mark.slow
 def test_mesh_trainer_keeps_an_offloaded_optimizer_on_the_host(tmp_path: Path) -> None:
     """With ``offload_optimizer`` AdamW's moments stay in pinned host memory through the
     sharded step and an orbax round trip, and the losses equal those kept on the device."""

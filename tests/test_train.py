@@ -146,6 +146,7 @@ def test_frozen_base_does_not_move_and_loss_falls() -> None:
             np.testing.assert_array_equal(after[path], before.astype(np.float32), err_msg=path)
 
 
+@pytest.mark.slow
 def test_fit_steps_on_arrays_and_calls_the_hooks() -> None:
     """``fit`` takes batches of arrays and returns each step's metrics: the same steps as
     calling ``Trainer.step`` by hand, every hook called once per step with the metrics it and
@@ -226,6 +227,7 @@ def test_bf16_loss_curve_follows_the_spec(method: str) -> None:
         put_tree(params, trainable)
 
 
+@pytest.mark.slow
 def test_prompts_take_no_loss_and_segments_see_nothing_of_each_other() -> None:
     """A hand-built packed row: two examples, each a 3-token prompt and a completion."""
     from flax import nnx
@@ -274,6 +276,7 @@ def test_prompts_take_no_loss_and_segments_see_nothing_of_each_other() -> None:
     assert not np.allclose(np.asarray(logits2)[0, :5], np.asarray(logits)[0, :5])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_chunked_loss_steps_equal_the_whole_loss(method: str) -> None:
     """Three steps with the loss in chunks of 3 positions (T - 1 = 6 predicted positions; a

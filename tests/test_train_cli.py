@@ -86,6 +86,7 @@ def train_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]
     ]
 
 
+@pytest.mark.slow
 def test_train_writes_an_adapter_and_the_loss_falls(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -446,6 +447,7 @@ def test_flags_that_would_do_nothing_are_errors(
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.run").exists()
 
 
+@pytest.mark.slow
 def test_float64_runs_in_64_bit_mode(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -630,6 +632,7 @@ def test_generate_command_gives_the_spec_greedy_text(
     )
 
 
+@pytest.mark.slow
 def test_qlora_block_size_and_double_quant_are_flags(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -664,6 +667,7 @@ def test_qlora_block_size_and_double_quant_are_flags(
     assert losses[128] == pytest.approx(losses[64], rel=0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method, flags, want",
     [
