@@ -16,6 +16,11 @@ forward pass is the model's own (``Model`` with a ``KVCache``):
    when it fills. With a 32-token prompt and 128 new tokens (S = 256), 96 of the steps
    attend over 128 slots instead of 256; ``bench/decode.py`` gained about 5% at B = 1 and
    15% at B = 8, at the cost of compiling the step twice.
+3. under float32 compute the loop reads every float32 kernel, the blocks' projections and the
+   head, from a copy stored transposed, ``[O, I]``, made once before the loop
+   (``_kernels_transposed``): XLA's CPU dot of a few rows runs faster with the weight's
+   input axis innermost. On a 2-core AMD EPYC (Zen 3) the B = 8 step's products ran 20% faster
+   that way; on a Xeon the same chain of products ran as fast in either layout.
 
 Prompt length, token budget, temperature, top-k, top-p and the eos id are traced values, so
 changing them inside a bucket does not recompile.
@@ -33,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from .attention import KVCache, cache_dtype
+from .layers import acc_dtype, matmul
 from .model import Model
 
 Array = jax.Array
@@ -107,6 +113,22 @@ def sample_token(
 
 
 # --- the decode program ------------------------------------------------------------------
+
+
+def _kernels_transposed(tree: Any, stored: bool) -> Any:
+    """``tree`` with each float32 kernel leaf (a 2-D leaf named ``kernel``) transposed:
+    [I, O] -> [O, I]. ``stored=True`` puts the copy behind ``optimization_barrier``, which
+    keeps XLA from folding the transpose away, so the copy is made once, in memory;
+    ``stored=False`` (inside the loop) turns it back into the [I, O] view the model reads,
+    a transpose XLA folds into each product's dimension numbers."""
+
+    def flip(path: tuple[Any, ...], a: Array) -> Array:
+        names = [getattr(k, "key", None) for k in path[-2:]]
+        if "kernel" not in names or a.ndim != 2 or a.dtype != jnp.float32:
+            return a
+        return jax.lax.optimization_barrier(a.T) if stored else a.T
+
+    return jax.tree_util.tree_map_with_path(flip, tree)
 
 
 @functools.partial(
@@ -193,9 +215,17 @@ def _decode(
         room = cache.length < cache.size  # a step writes one slot
         return (i < n_new) & ~done.all() & room
 
+    # The loop's kernels, [O, I] in memory under float32 compute (module docstring, 3.).
+    flip = jnp.dtype(model.eng.dtype) == jnp.float32
+    kernels = {"layers": layers, "head": {"kernel": model.head_kernel()}}  # head [D,V]
+    stored = _kernels_transposed(kernels, stored=True) if flip else kernels
+
     def step(carry: tuple[Any, ...]) -> tuple[Any, ...]:
         i, tok, cache, done, out, window = carry
-        logits, cache = model(tok[:, None], cache=cache, layer_states=layers)  # [B,1,V]
+        read = _kernels_transposed(stored, stored=False) if flip else stored
+        x, cache = model.hidden_states(tok[:, None], cache=cache, layer_states=read["layers"])
+        h = model.head_input(x)  # [B,1,D]
+        logits = matmul(h, read["head"]["kernel"], acc_dtype(h.dtype))  # [B,1,V], as logits()
         tok, out, done, window = pick(logits[:, 0], i, out, done, window)
         return i + 1, tok, cache, done, out, window
 

@@ -19,7 +19,7 @@ from jax_impl.attention import KVCache, cache_dtype
 from jax_impl.model import EngineConfig, Model, from_spec
 from ref_numpy import generate as R
 from ref_numpy import lora as LR
-from ref_numpy.config import LoraConfig
+from ref_numpy.config import LoraConfig, projection_names
 from ref_numpy.lora import merge_lora
 from ref_numpy.model import model_forward
 from ref_numpy.nf4 import NF4Tensor, dequantize_kernel
@@ -437,3 +437,51 @@ def test_cached_padding_and_positions_equal_spec(rng: np.random.Generator, x64: 
     assert np.abs(unpadded[0] - want[0]).max() > 1e-3  # the padding matters
     with pytest.raises(ValueError, match="segment_ids"):
         model(jnp.asarray(ids), segment_ids=jnp.zeros((2, 7), jnp.int32), cache=cache)
+
+
+@pytest.mark.parametrize(
+    ("name", "method"), [("llama-gqa-rope3", "lora"), ("qwen2-tied", "qlora"), ("gpt2", "full")]
+)
+def test_float32_loop_reads_kernels_transposed(
+    name: str, method: str, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under float32 compute the decode loop reads each float32 kernel from an [O, I] copy:
+    the stored tree holds every projection's kernel transposed and nothing else changed (NF4
+    pieces, adapters, norms), reading it back gives the model's own arrays, and the tokens
+    are those of the loop reading the [I, O] kernels. A copy read back wrongly (its input
+    axis reversed) changes them."""
+    params, cfg, lcfg = make_case(name, method, rng, lora_spread=1.0)
+    model = parity_engine(params, cfg, lcfg, jnp.float32, method)
+    tree = {"layers": model.layer_states(), "head": {"kernel": model.head_kernel()}}
+    stored = G._kernels_transposed(tree, stored=True)
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    flipped = 0
+    for (path, a), b, c in zip(
+        flat,
+        jax.tree.leaves(stored),
+        jax.tree.leaves(G._kernels_transposed(stored, stored=False)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(c), np.asarray(a))
+        if a.ndim == 2 and a.dtype == jnp.float32 and "kernel" in jax.tree_util.keystr(path):
+            np.testing.assert_array_equal(np.asarray(b), np.asarray(a).T)
+            flipped += 1
+        else:
+            np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    float_projections = 0 if method == "qlora" else len(projection_names(cfg))
+    assert flipped == cfg.n_layers * float_projections + 1  # and the head
+    prompt = rng.integers(0, V, size=(3, 5))
+    got = G.generate(model, prompt, 8)
+    transposed = G._kernels_transposed
+    monkeypatch.setattr(G, "_kernels_transposed", lambda tree, stored: tree)
+    G._decode.clear_cache()
+    np.testing.assert_array_equal(G.generate(model, prompt, 8), got)
+
+    def misread(tree: Any, stored: bool) -> Any:  # each kernel's input axis read reversed
+        back = transposed(tree, stored)
+        return back if stored else jax.tree.map(lambda a, b: b if b is a else b[::-1], tree, back)
+
+    monkeypatch.setattr(G, "_kernels_transposed", misread)
+    G._decode.clear_cache()
+    assert (G.generate(model, prompt, 8) != got).any()
+    G._decode.clear_cache()
