@@ -16,11 +16,12 @@ forward pass is the model's own (``Model`` with a ``KVCache``):
    when it fills. With a 32-token prompt and 128 new tokens (S = 256), 96 of the steps
    attend over 128 slots instead of 256; ``bench/decode.py`` gained about 5% at B = 1 and
    15% at B = 8, at the cost of compiling the step twice.
-3. under float32 compute the loop reads every float32 kernel, the blocks' projections and the
-   head, from a copy stored transposed, ``[O, I]``, made once before the loop
-   (``_kernels_transposed``): XLA's CPU dot of a few rows runs faster with the weight's
-   input axis innermost. On a 2-core AMD EPYC (Zen 3) the B = 8 step's products ran 20% faster
-   that way; on a Xeon the same chain of products ran as fast in either layout.
+3. under float32 compute on a CPU the program reads every float32 kernel, the blocks'
+   projections and the head, from a copy stored transposed, ``[O, I]``, made once as it
+   slices each layer's kernels out of the stack (``_kernels_transposed``): XLA's CPU
+   dot of a few rows runs faster with the weight's input axis innermost. On a 2-core AMD EPYC
+   (Zen 3) the B = 8 step's products ran 20% faster that way; on a Xeon the same chain of
+   products ran as fast in either layout.
 
 Prompt length, token budget, temperature, top-k, top-p and the eos id are traced values, so
 changing them inside a bucket does not recompile.
@@ -137,6 +138,7 @@ def _kernels_transposed(tree: Any, stored: bool) -> Any:
         "graphdef",
         "cache_len",
         "cache_dtype",
+        "transposed",
         "greedy",
         "use_top_k",
         "use_top_p",
@@ -159,6 +161,7 @@ def _decode(
     *,
     cache_len: int,
     cache_dtype: Any,
+    transposed: bool,
     greedy: bool,
     use_top_k: bool,
     use_top_p: bool,
@@ -174,10 +177,22 @@ def _decode(
     model = nnx.merge(graphdef, state)
     sizes = cache_sizes(p, cache_len)
     cache = KVCache.zeros(model.cfg, b, sizes[0], cache_dtype)  # L x [C,H,S], [C,S,H]
-    layers = model.layer_states()  # sliced out of the stack once, not on every token
-    x, cache = model.hidden_states(prompt, cache=cache, layer_states=layers)  # [B,P,D]
-    x = jax.lax.dynamic_index_in_dim(x, t0 - 1, axis=1)  # [B,1,D]: the last real token
-    logits = model.logits(x)[:, 0]  # [B,V]; the head runs on that one position only
+    # Each layer's state sliced out of the stack once, not on every token, and with the head
+    # its float32 kernels stored [O, I] where ``transposed`` (module docstring, 3.).
+    kernels = {"layers": model.layer_states(), "head": {"kernel": model.head_kernel()}}
+    stored = _kernels_transposed(kernels, stored=True) if transposed else kernels
+
+    def forward(ids: Array, cache: KVCache, last: Array | None) -> tuple[Array, KVCache]:
+        """Logits [B, V] at position ``last`` of ``ids`` [B, T] (the only one when None)."""
+        read = _kernels_transposed(stored, stored=False) if transposed else stored
+        x, cache = model.hidden_states(ids, cache=cache, layer_states=read["layers"])  # [B,T,D]
+        if last is not None:
+            x = jax.lax.dynamic_index_in_dim(x, last, axis=1)  # [B,1,D]
+        h = model.head_input(x)  # [B,1,D]; the head runs on that one position only
+        logits = matmul(h, read["head"]["kernel"], acc_dtype(h.dtype))  # [B,1,V], as logits()
+        return logits[:, 0], cache
+
+    logits, cache = forward(prompt, cache, t0 - 1)  # [B,V] at the last real token
     cache = cache._replace(length=t0)  # the padded slots are written over from here
     zero = jnp.zeros((), jnp.int32)
 
@@ -215,18 +230,10 @@ def _decode(
         room = cache.length < cache.size  # a step writes one slot
         return (i < n_new) & ~done.all() & room
 
-    # The loop's kernels, [O, I] in memory under float32 compute (module docstring, 3.).
-    flip = jnp.dtype(model.eng.dtype) == jnp.float32
-    kernels = {"layers": layers, "head": {"kernel": model.head_kernel()}}  # head [D,V]
-    stored = _kernels_transposed(kernels, stored=True) if flip else kernels
-
     def step(carry: tuple[Any, ...]) -> tuple[Any, ...]:
         i, tok, cache, done, out, window = carry
-        read = _kernels_transposed(stored, stored=False) if flip else stored
-        x, cache = model.hidden_states(tok[:, None], cache=cache, layer_states=read["layers"])
-        h = model.head_input(x)  # [B,1,D]
-        logits = matmul(h, read["head"]["kernel"], acc_dtype(h.dtype))  # [B,1,V], as logits()
-        tok, out, done, window = pick(logits[:, 0], i, out, done, window)
+        logits, cache = forward(tok[:, None], cache, None)  # [B,V]
+        tok, out, done, window = pick(logits, i, out, done, window)
         return i + 1, tok, cache, done, out, window
 
     carry = (jnp.ones((), jnp.int32), tok, cache, done, out, window)
@@ -314,6 +321,7 @@ def generate(
         jnp.asarray(valid),
         cache_len=cache_len,
         cache_dtype=cache_dtype(model.eng.dtype, platform),
+        transposed=platform == "cpu" and jnp.dtype(model.eng.dtype) == jnp.float32,
         greedy=temperature == 0,
         use_top_k=top_k is not None,
         use_top_p=top_p is not None,
