@@ -116,6 +116,13 @@ def sample_token(
 # --- the decode program ------------------------------------------------------------------
 
 
+def reads_transposed(dtype: Any, platform: str) -> bool:
+    """Whether the decode program reads its float32 kernels from an ``[O, I]`` copy under
+    compute ``dtype`` on ``platform`` (``"cpu"``, ``"gpu"``, ``"tpu"``): on a CPU under
+    float32 only (module docstring, 3.). GPU and TPU compilers pick their own layouts."""
+    return platform == "cpu" and jnp.dtype(dtype) == jnp.float32
+
+
 def _kernels_transposed(tree: Any, stored: bool) -> Any:
     """``tree`` with each float32 kernel leaf (a 2-D leaf named ``kernel``) transposed:
     [I, O] -> [O, I]. ``stored=True`` puts the copy behind ``optimization_barrier``, which
@@ -321,7 +328,7 @@ def generate(
         jnp.asarray(valid),
         cache_len=cache_len,
         cache_dtype=cache_dtype(model.eng.dtype, platform),
-        transposed=platform == "cpu" and jnp.dtype(model.eng.dtype) == jnp.float32,
+        transposed=reads_transposed(model.eng.dtype, platform),
         greedy=temperature == 0,
         use_top_k=top_k is not None,
         use_top_p=top_p is not None,

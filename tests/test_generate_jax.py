@@ -450,6 +450,9 @@ def test_float32_loop_reads_kernels_transposed(
     pieces, adapters, norms), reading it back gives the model's own arrays, and the tokens
     are those of the loop reading the [I, O] kernels. A copy read back wrongly (its input
     axis reversed) changes them."""
+    assert G.reads_transposed(jnp.float32, "cpu")  # the copy is made on a CPU under float32 only
+    assert not any(G.reads_transposed(d, "cpu") for d in (jnp.bfloat16, jnp.float16))
+    assert not any(G.reads_transposed(jnp.float32, p) for p in ("gpu", "cuda", "tpu"))
     params, cfg, lcfg = make_case(name, method, rng, lora_spread=1.0)
     model = parity_engine(params, cfg, lcfg, jnp.float32, method)
     tree = {"layers": model.layer_states(), "head": {"kernel": model.head_kernel()}}

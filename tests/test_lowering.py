@@ -309,6 +309,7 @@ def test_decode_lowers(method: str, platform: str) -> None:
     static = dict(
         cache_len=128,
         cache_dtype=cache_dtype(model.eng.dtype, platform),
+        transposed=generate.reads_transposed(model.eng.dtype, platform),
         greedy=False,
         use_top_k=True,
         use_top_p=True,
