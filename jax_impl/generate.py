@@ -16,12 +16,13 @@ forward pass is the model's own (``Model`` with a ``KVCache``):
    when it fills. With a 32-token prompt and 128 new tokens (S = 256), 96 of the steps
    attend over 128 slots instead of 256; ``bench/decode.py`` gained about 5% at B = 1 and
    15% at B = 8, at the cost of compiling the step twice.
-3. under float32 compute on a CPU the program reads every float32 kernel, the blocks'
+3. under float32 compute on a CPU the loop reads every float32 kernel, the blocks'
    projections and the head, from a copy stored transposed, ``[O, I]``, made once as it
    slices each layer's kernels out of the stack (``_kernels_transposed``): XLA's CPU
    dot of a few rows runs faster with the weight's input axis innermost. On a 2-core AMD EPYC
    (Zen 3) the B = 8 step's products ran 20% faster that way; on a Xeon the same chain of
-   products ran as fast in either layout.
+   products ran as fast in either layout. The prompt's pass reads the model's own kernels:
+   had it read the copy too, XLA would have made the copy twice, once more for the loops.
 
 Prompt length, token budget, temperature, top-k, top-p and the eos id are traced values, so
 changing them inside a bucket does not recompile.
@@ -185,13 +186,14 @@ def _decode(
     sizes = cache_sizes(p, cache_len)
     cache = KVCache.zeros(model.cfg, b, sizes[0], cache_dtype)  # L x [C,H,S], [C,S,H]
     # Each layer's state sliced out of the stack once, not on every token, and with the head
-    # its float32 kernels stored [O, I] where ``transposed`` (module docstring, 3.).
+    # its float32 kernels stored [O, I] for the loop where ``transposed`` (module docstring,
+    # 3.); the prompt's pass reads ``kernels``.
     kernels = {"layers": model.layer_states(), "head": {"kernel": model.head_kernel()}}
     stored = _kernels_transposed(kernels, stored=True) if transposed else kernels
 
-    def forward(ids: Array, cache: KVCache, last: Array | None) -> tuple[Array, KVCache]:
-        """Logits [B, V] at position ``last`` of ``ids`` [B, T] (the only one when None)."""
-        read = _kernels_transposed(stored, stored=False) if transposed else stored
+    def forward(ids: Array, cache: KVCache, last: Array | None, read: Any) -> tuple[Array, KVCache]:
+        """Logits [B, V] at position ``last`` of ``ids`` [B, T] (the only one when None),
+        with the kernels ``read`` ({"layers": ..., "head": {"kernel": [D, V]}})."""
         x, cache = model.hidden_states(ids, cache=cache, layer_states=read["layers"])  # [B,T,D]
         if last is not None:
             x = jax.lax.dynamic_index_in_dim(x, last, axis=1)  # [B,1,D]
@@ -199,7 +201,7 @@ def _decode(
         logits = matmul(h, read["head"]["kernel"], acc_dtype(h.dtype))  # [B,1,V], as logits()
         return logits[:, 0], cache
 
-    logits, cache = forward(prompt, cache, t0 - 1)  # [B,V] at the last real token
+    logits, cache = forward(prompt, cache, t0 - 1, kernels)  # [B,V] at the last real token
     cache = cache._replace(length=t0)  # the padded slots are written over from here
     zero = jnp.zeros((), jnp.int32)
 
@@ -239,7 +241,8 @@ def _decode(
 
     def step(carry: tuple[Any, ...]) -> tuple[Any, ...]:
         i, tok, cache, done, out, window = carry
-        logits, cache = forward(tok[:, None], cache, None)  # [B,V]
+        read = _kernels_transposed(stored, stored=False) if transposed else stored
+        logits, cache = forward(tok[:, None], cache, None, read)  # [B,V]
         tok, out, done, window = pick(logits, i, out, done, window)
         return i + 1, tok, cache, done, out, window
 
