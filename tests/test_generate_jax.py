@@ -448,8 +448,8 @@ def test_float32_loop_reads_kernels_transposed(
     """Under float32 compute the decode loop reads each float32 kernel from an [O, I] copy:
     the stored tree holds every projection's kernel transposed and nothing else changed (NF4
     pieces, adapters, norms), reading it back gives the model's own arrays, and the tokens
-    are those of the loop reading the [I, O] kernels. A copy read back wrongly (its input
-    axis reversed) changes them."""
+    are those of the loop reading the [I, O] kernels, and the compiled program holds one
+    copy of the head. A copy read back wrongly (its input axis reversed) changes them."""
     assert G.reads_transposed(jnp.float32, "cpu")  # the copy is made on a CPU under float32 only
     assert not any(G.reads_transposed(d, "cpu") for d in (jnp.bfloat16, jnp.float16))
     assert not any(G.reads_transposed(jnp.float32, p) for p in ("gpu", "cuda", "tpu"))
@@ -475,6 +475,15 @@ def test_float32_loop_reads_kernels_transposed(
     assert flipped == cfg.n_layers * float_projections + 1  # and the head
     prompt = rng.integers(0, V, size=(3, 5))
     got = G.generate(model, prompt, 8)
+    # The program makes the head's [V, D] copy once (a tied head reads the embedding as it
+    # is): XLA made it twice while the prompt's pass read the copy as well as the loops.
+    if jax.default_backend() == "cpu":
+        text = compiled_decode(model, prompt, 8)
+        entry = text[text.index("\nENTRY") :]
+        entry = entry[: entry.index("\n}")]
+        shape = re.escape(f"f32[{V},{cfg.d_model}]{{1,0}}")
+        made = re.findall(rf"^\s*(?:ROOT )?(%\S+) = {shape} (?!parameter)\S+\(", entry, re.M)
+        assert len(made) == (0 if cfg.tie_embeddings else 1), made
     transposed = G._kernels_transposed
     monkeypatch.setattr(G, "_kernels_transposed", lambda tree, stored: tree)
     G._decode.clear_cache()
