@@ -40,7 +40,6 @@ import numpy as np
 from flax import nnx
 
 from .attention import KVCache, cache_dtype
-from .layers import acc_dtype, matmul
 from .model import Model
 
 Array = jax.Array
@@ -197,8 +196,7 @@ def _decode(
         x, cache = model.hidden_states(ids, cache=cache, layer_states=read["layers"])  # [B,T,D]
         if last is not None:
             x = jax.lax.dynamic_index_in_dim(x, last, axis=1)  # [B,1,D]
-        h = model.head_input(x)  # [B,1,D]; the head runs on that one position only
-        logits = matmul(h, read["head"]["kernel"], acc_dtype(h.dtype))  # [B,1,V], as logits()
+        logits = model.logits(x, read["head"]["kernel"])  # [B,1,V]: that one position only
         return logits[:, 0], cache
 
     logits, cache = forward(prompt, cache, t0 - 1, kernels)  # [B,V] at the last real token

@@ -695,8 +695,11 @@ class Model(nnx.Module):
             x = learned(x, positions, self.pos_embed.embedding[...].astype(eng.dtype))  # [B,T,D]
         return x
 
-    def logits(self, x: Array) -> Array:
+    def logits(self, x: Array, kernel: Array | None = None) -> Array:
         """Final norm (pre-LN models) and the head: [B, T, D] -> [B, T, V] in acc_dtype.
+
+        ``kernel`` [D, V] stands in for ``head_kernel()`` where the caller holds it already
+        (the decode program reads it from its own copy).
 
         Logits stay in acc_dtype: they can be large, and a bf16 logit of 10 is off by up to
         0.03, which moves its softmax probability by 3%. Their gradient is rounded to the
@@ -704,7 +707,8 @@ class Model(nnx.Module):
         gradient is under bf16 compute.
         """
         dt = jnp.dtype(self.eng.dtype)
-        return matmul(self.head_input(x), self.head_kernel(), acc_dtype(dt))  # [B,T,V]
+        head = self.head_kernel() if kernel is None else kernel  # [D,V]
+        return matmul(self.head_input(x), head, acc_dtype(dt))  # [B,T,V]
 
     def head_input(self, x: Array) -> Array:
         """The final norm of pre-LN models (the identity otherwise): [B, T, D] -> [B, T, D]."""

@@ -447,9 +447,9 @@ def test_float32_loop_reads_kernels_transposed(
 ) -> None:
     """Under float32 compute the decode loop reads each float32 kernel from an [O, I] copy:
     the stored tree holds every projection's kernel transposed and nothing else changed (NF4
-    pieces, adapters, norms), reading it back gives the model's own arrays, and the tokens
-    are those of the loop reading the [I, O] kernels, and the compiled program holds one
-    copy of the head. A copy read back wrongly (its input axis reversed) changes them."""
+    pieces, adapters, norms), reading it back gives the model's own arrays, the tokens are
+    those of the loop reading the [I, O] kernels, and the compiled program holds one copy of
+    the head. A copy read back wrongly (its input axis reversed) changes the tokens."""
     assert G.reads_transposed(jnp.float32, "cpu")  # the copy is made on a CPU under float32 only
     assert not any(G.reads_transposed(d, "cpu") for d in (jnp.bfloat16, jnp.float16))
     assert not any(G.reads_transposed(jnp.float32, p) for p in ("gpu", "cuda", "tpu"))
