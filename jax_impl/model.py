@@ -97,6 +97,17 @@ def cpu_bf16_units(path: str = CPUINFO) -> bool:
     return bf16_units(cpu_flags(path))
 
 
+def bf16_widened(dtype: str, backend: str | None = None) -> bool:
+    """Whether compute ``dtype`` is bfloat16 on a CPU without bf16 matrix units
+    (``cpu_bf16_units()`` false; ``backend`` defaults to JAX's default). There XLA widens
+    every bf16 product to float32 and rounds it back, so the step is slower than under
+    float32 (``bench/RESULTS.md``: on a 2-core AMD EPYC, Zen 3, a LoRA step of
+    ``bench/cpu_train.py``'s default shape ran 1,006-1,024 tokens/s against 1,285-1,291),
+    which is why ``dtype="auto"`` computes in float32 there."""
+    backend = jax.default_backend() if backend is None else backend
+    return dtype == "bfloat16" and backend == "cpu" and not cpu_bf16_units()
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How the engine runs a model (the spec has no counterpart: it is float64 NumPy).

@@ -23,6 +23,7 @@ from jax_impl.model import (
     REMAT_POLICIES,
     EngineConfig,
     Model,
+    bf16_widened,
     cpu_bf16_units,
     from_spec,
     lora_targets,
@@ -480,6 +481,17 @@ def test_cpu_bf16_env_takes_only_0_or_1(tmp_path: Path, monkeypatch: pytest.Monk
             cpu_bf16_units(str(cpuinfo))
     monkeypatch.setenv(CPU_BF16_ENV, "")  # empty is unset: the CPU's flags decide
     assert cpu_bf16_units(str(cpuinfo)) is True
+
+
+def test_bf16_widened_only_on_a_cpu_without_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The train command's note on an explicit --dtype bfloat16 fires on a CPU without the
+    units, never for float32, never where the units are, never on an accelerator."""
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    assert bf16_widened("bfloat16", "cpu")
+    assert not bf16_widened("float32", "cpu")
+    assert not bf16_widened("bfloat16", "gpu") and not bf16_widened("bfloat16", "tpu")
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    assert not bf16_widened("bfloat16", "cpu")
 
 
 def test_explicit_cudnn_needs_a_gpu_and_bfloat16() -> None:

@@ -677,12 +677,19 @@ def test_qlora_block_size_and_double_quant_are_flags(
     ],
 )
 def test_qlora_recomputes_its_blocks_unless_told_otherwise(
-    model_dir: Path, tmp_path: Path, method: str, flags: tuple[str, ...], want: tuple[str, str]
+    model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    method: str,
+    flags: tuple[str, ...],
+    want: tuple[str, str],
 ) -> None:
     data = write_chat_data(tmp_path / "chat.jsonl", n=8)
     out = tmp_path / "run"
     args = train_args(model_dir, data, out, "--steps", "1", "--dtype", "bfloat16")
     args[args.index("--method") + 1] = method
     assert main([*args, *flags]) == 0
+    # the suite runs as on a CPU without bf16 units (QLORA_SPEC_CPU_BF16=0): the run says so
+    assert "--dtype bfloat16: this CPU has no bf16 matrix units" in capsys.readouterr().err
     engine = json.loads((out / "summary.json").read_text())["engine"]
     assert (engine["remat"], engine["layer_loop"]) == want

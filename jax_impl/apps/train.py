@@ -44,7 +44,7 @@ from ref_numpy.formats.files import fault_point
 from ref_numpy.lora import selected_paths
 from ref_numpy.nf4 import nf4_bits_per_param
 
-from ..model import EngineConfig, Model, to_spec, trainable_params
+from ..model import EngineConfig, Model, bf16_widened, to_spec, trainable_params
 from ..preference import REWARD_METRICS
 from ..train.checkpoint import save_adapter
 from ..train.data import (
@@ -604,6 +604,12 @@ def _run(tc: TrainConfig, progress: bool, stop: StopRequests) -> dict[str, Any]:
     # each device reads its own pieces of the checkpoint: no process holds the whole model
     lora = None if tc.method == "full" else tc.lora
     cfg, model = load_sharded(tc.model, lora, tc.engine, mesh)
+    if lead and bf16_widened(tc.engine.dtype):  # asked for by name, not chosen by auto
+        _note(
+            "--dtype bfloat16: this CPU has no bf16 matrix units (AMX, AVX512-BF16), so XLA "
+            "widens each product to float32 and the step is slower than under float32; "
+            "--dtype auto computes in float32 here"
+        )
     dpo = tc.dpo if tc.objective == "dpo" else None
     prepare = prepare_rows if dpo is None else prepare_pairs
     rows, held, tok, stats = prepare(tc, max_length, cfg.vocab_size)
