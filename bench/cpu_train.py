@@ -21,6 +21,9 @@ on both, as ``EngineConfig.remat="auto"`` resolves and as PEFT's QLoRA preparati
 (``prepare_model_for_kbit_training``, which the peer's QLoRA goes through) turns it on by
 default. ``none`` and ``full`` set both sides.
 
+``--prompt P`` makes the first P positions of every row a prompt, without loss (label -100 on
+both sides), as instruction data is trained; by default every position counts.
+
 ``--dtype bf16`` (or ``bfloat16``) adds a bf16 pair to every round, as a CPU user with bf16
 matrix units (AMX, AVX512-BF16) runs it: the engine with ``EngineConfig(dtype="bfloat16")``
 (float32 adapters, AdamW state and loss), the peer under ``torch.autocast("cpu",
@@ -32,6 +35,7 @@ those units the CPU has (``cpu_flags``) and what ``dtype="auto"`` resolves to on
     python bench/cpu_train.py --shape smollm2-135m --rounds 3
     python bench/cpu_train.py --dtype bf16 --method qlora
     python bench/cpu_train.py --dtype bf16 --method qlora --remat none
+    python bench/cpu_train.py --prompt 128           # half of every row a prompt
 
 The engine side runs under the settings ``qlora-spec`` gives itself (``jax_impl/cpu.py``: the
 glibc tunable ``glibc.malloc.hugetlb=1``, and XLA's 512-bit vectors on a CPU with bf16 matrix
@@ -100,6 +104,7 @@ def engine_side(
     dtype: str,
     remat: str,
     ids: np.ndarray,
+    labels: np.ndarray,
     warmup: int,
     steps: int,
 ) -> dict:
@@ -115,7 +120,7 @@ def engine_side(
     eng = EngineConfig(quantize=method == "qlora", dtype=dtype, remat=remat)  # type: ignore[arg-type]
     model = Model(cfg, lora, eng, rngs=nnx.Rngs(0))
     trainer = Trainer.create(model, OptimConfig(lr=1e-4, total_steps=10_000, max_grad_norm=None))
-    batch = {"input_ids": ids[None], "labels": ids[None]}
+    batch = {"input_ids": ids[None], "labels": labels[None]}
     times = timed(lambda: jax.block_until_ready(trainer.step(batch)["loss"]), warmup, steps)
     versions = {"jax": jax.__version__, "backend": jax.default_backend()}
     how = {"remat": model.eng.remat, "layer_loop": model.eng.layer_loop}  # as resolved
@@ -128,6 +133,7 @@ def peer_side(
     dtype: str,
     remat: str,
     ids: np.ndarray,
+    labels: np.ndarray,
     warmup: int,
     steps: int,
 ) -> dict:
@@ -148,12 +154,13 @@ def peer_side(
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x = torch.from_numpy(ids.astype(np.int64))
+    y = torch.from_numpy(labels.astype(np.int64))
 
     bf16 = dtype == "bfloat16"
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=x, labels=x).loss
+            loss = model(input_ids=x, labels=y).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -170,9 +177,11 @@ def run_side(args: argparse.Namespace) -> None:
     """One side in this process: prints one JSON line."""
     s = SHAPES[args.shape]
     ids = np.random.default_rng(0).integers(0, s["V"], size=(s["B"], s["T"])).astype(np.int32)
+    labels = ids.copy()
+    labels[:, : args.prompt] = -100  # a prompt: no loss (IGNORE_INDEX on both sides)
     side = engine_side if args.side == "engine" else peer_side
     dtype = run_dtypes(args.dtype)[-1]
-    out = side(s, args.method, dtype, args.remat, ids, args.warmup, args.steps)
+    out = side(s, args.method, dtype, args.remat, ids, labels, args.warmup, args.steps)
     med = statistics.median(out["times"])
     out.update(s_per_step=med, tokens_per_s=s["B"] * s["T"] / med)
     print(json.dumps(out))
@@ -189,7 +198,7 @@ def engine_env(settings: bool) -> dict[str, str]:
 def spawn(args: argparse.Namespace, side: str, dtype: str, env: dict[str, str]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--shape", args.shape]
     cmd += ["--method", args.method, "--warmup", str(args.warmup), "--steps", str(args.steps)]
-    cmd += ["--dtype", dtype, "--remat", args.remat]
+    cmd += ["--dtype", dtype, "--remat", args.remat, "--prompt", str(args.prompt)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         sys.exit(f"{side} side failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -209,6 +218,13 @@ def main() -> None:
         "gradient checkpointing); auto: as each library sets the method up, QLoRA with it and "
         "LoRA without",
     )
+    p.add_argument(
+        "--prompt",
+        type=int,
+        default=0,
+        help="positions at the start of every row that are a prompt, without loss (label "
+        "-100 on both sides), as instruction data is trained; 0: every position counts",
+    )
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of both sides")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per process")
     p.add_argument("--steps", type=int, default=8, help="timed steps per process")
@@ -223,11 +239,14 @@ def main() -> None:
     if args.side:
         return run_side(args)
     s = SHAPES[args.shape]
+    if not 0 <= args.prompt < s["T"] - 1:
+        p.error(f"--prompt {args.prompt}: expected 0 to {s['T'] - 2} for rows of {s['T']}")
     from jax_impl.model import EngineConfig
 
     dtypes = run_dtypes(args.dtype)
     envs = {"engine": engine_env(not args.env_as_is), "peer": dict(os.environ)}
-    head = {"shape": args.shape, "method": args.method, "dtypes": dtypes, "remat": args.remat, **s}
+    head = {"shape": args.shape, "method": args.method, "dtypes": dtypes, "remat": args.remat}
+    head.update(prompt=args.prompt, **s)
     auto = EngineConfig().resolve(engine_config(s), "cpu").dtype
     head.update(cpus=os.cpu_count(), cpu_flags=cpu_flags(), auto_dtype=auto)
     settings = {

@@ -319,7 +319,9 @@ def head_cross_entropy(x: Array, w: Array, targets: Array, chunk: int) -> tuple[
     ``matmul``'s backward rounds it) and, where w trains, with respect to w (``x^T dlogits``).
     The backward pass only scales those gradients by the loss's cotangent: the cross-entropy is
     a sum, so its gradient is linear in that cotangent. The ``[B, T, V]`` logits never exist
-    at once, nothing is recomputed, and no pass over them is left for the backward pass. A
+    at once, nothing is recomputed, and no pass over them is left for the backward pass.
+    Positions whose target is ignored (prompts, padding) are taken last, and a chunk of
+    nothing else makes no logits at all. A
     trained head (full fine-tuning, tied embeddings) keeps its ``[D, V]`` gradient, in
     ``acc_dtype``, from the loss to the backward pass.
 
@@ -396,17 +398,27 @@ def _head_ce_chunks(
 ) -> tuple[Array, Array, Array | None, Array | None]:
     """``(loss sum, count, dsum/dx [B, T, D] or None, dsum/dw [D, V] or None)``, the rows
     of x [B, T, D] taken ``rows`` at a time (the last chunk padded with ignored targets);
-    the gradients in ``acc_dtype``."""
+    the gradients in ``acc_dtype``. The rows are taken counted targets first, so a chunk of
+    ignored ones only (a prompt, padding) skips its products: with half of every row a
+    prompt, half the head's work is left out."""
     b, t, d = x.shape
     acc = acc_dtype(x.dtype)
     m = b * t
     n = -(-m // rows)
     pad = n * rows - m
-    xs = jnp.pad(x.reshape(m, d), ((0, pad), (0, 0))).reshape(n, rows, d)  # [n,C,D]
-    ts = jnp.pad(targets.reshape(m), (0, pad), constant_values=IGNORE_INDEX).reshape(n, rows)
+    flat = targets.reshape(m)  # [M]
+    # counted positions first (in order), so the ignored ones (prompts, padding) fill the
+    # last chunks, which skip the head's products altogether
+    order = jnp.argsort(flat == IGNORE_INDEX, stable=True)  # [M]
+    xs = jnp.pad(x.reshape(m, d)[order], ((0, pad), (0, 0))).reshape(n, rows, d)  # [n,C,D]
+    ts = jnp.pad(flat[order], (0, pad), constant_values=IGNORE_INDEX).reshape(n, rows)
 
     def piece(dw: Array | None, xt: tuple[Array, Array]) -> tuple[Any, Any]:
         xc, tc = xt  # [C,D], [C]
+        skip = (dw, (jnp.zeros((), acc), jnp.zeros(xc.shape, acc) if grad_x else None))
+        return jax.lax.cond((tc != IGNORE_INDEX).any(), counted, lambda *_: skip, dw, xc, tc)
+
+    def counted(dw: Array | None, xc: Array, tc: Array) -> tuple[Any, Any]:
         logits = jnp.einsum("CD,DV->CV", xc, w, preferred_element_type=acc)  # [C,V]
         valid = tc != IGNORE_INDEX  # [C]
         safe = jnp.where(valid, tc, 0)  # [C]
@@ -427,7 +439,10 @@ def _head_ce_chunks(
     dw0 = jnp.zeros(w.shape, acc) if grad_w else None  # [D,V]
     dw, (losses, dxs) = jax.lax.scan(piece, dw0, (xs, ts))  # [n], [n,C,D]
     count = (targets != IGNORE_INDEX).sum()
-    dx = None if dxs is None else dxs.reshape(n * rows, d)[:m].reshape(b, t, d)  # [B,T,D]
+    if dxs is None:
+        return losses.sum(), count, None, dw
+    back = jnp.argsort(order)  # [M]: where each position went
+    dx = dxs.reshape(n * rows, d)[back].reshape(b, t, d)  # [nC,D] -> [B,T,D]
     return losses.sum(), count, dx, dw
 
 

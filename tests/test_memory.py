@@ -207,6 +207,34 @@ def test_head_loss_equals_the_whole_one(
         assert abs(float(moved) - float(lw)) > 1e-6  # the check sees a changed target
 
 
+@pytest.mark.parametrize("prompt", [8, 11])
+def test_head_loss_skips_what_does_not_count(prompt: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long prompt: its positions are taken last and the chunks of nothing else make no
+    logits. Loss and gradients (hidden states and head) still equal the whole loss's in
+    float64; with nothing counted (every position a prompt) they are zero."""
+    monkeypatch.setattr(layers, "CPU_LOSS_ROWS", 3)  # 22 rows: 8 chunks, the last ones skipped
+    with jax.enable_x64(True):
+        x, w, targets = _head_case(37, 11, 10)
+        targets = targets.at[:, :prompt].set(-100)
+
+        def fused(x: jax.Array, w: jax.Array) -> jax.Array:
+            return head_cross_entropy(x, w, targets, 0)[0]
+
+        lc, gc = jax.jit(jax.value_and_grad(fused, (0, 1)))(x, w)
+        if prompt == x.shape[1]:
+            assert float(lc) == 0.0 and int(head_cross_entropy(x, w, targets, 0)[1]) == 0
+            assert all(not np.asarray(g).any() for g in gc)
+            return
+        lw, gw = jax.value_and_grad(_whole_loss, (0, 1))(x, w, targets)
+        assert abs(float(lc) - float(lw)) <= 1e-12 * abs(float(lw))
+        for a, b in zip(gc, gw, strict=True):
+            assert rel_err(np.asarray(a), np.asarray(b)) <= 1e-10
+        assert not np.asarray(gc[0])[:, :prompt].any()  # a prompt's hidden states: no gradient
+        bad = targets.at[0, -1].set((targets[0, -1] + 1) % 37)  # a counted target
+        moved = head_cross_entropy(x, w, bad, 0)[0]
+        assert abs(float(moved) - float(lw)) > 1e-6
+
+
 def test_head_loss_under_bf16() -> None:
     """Under bf16 compute the gradients are autodiff's through ``matmul`` (whose backward
     rounds the logits' cotangent to bf16) to bf16's precision: the unit cotangent is rounded
