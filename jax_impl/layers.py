@@ -304,10 +304,20 @@ def cross_entropy(logits: Array, targets: Array) -> tuple[Array, Array]:
     return total / jnp.maximum(count, 1), count
 
 
-# Rows of logits a CPU makes at a time in ``head_cross_entropy``: a chunk's float32 logits,
-# their exponentials and their cotangent stay in the caches (at V = 8192, 16 MB each) instead
-# of streaming [B * T, V] arrays through memory five times.
+# Rows of logits a CPU makes at a time in ``head_cross_entropy`` (``cpu_loss_rows``): at most
+# CPU_LOSS_ROWS, fewer where the vocabulary is wide, so that a chunk's float32 logits, their
+# exponentials and their cotangent stay near CPU_LOSS_LOGITS elements each (16 MB) instead of
+# streaming [B * T, V] arrays through memory five times; never fewer than 128 rows, below
+# which the head's products lose more than the caches give (bench/RESULTS.md).
 CPU_LOSS_ROWS = 512
+CPU_LOSS_LOGITS = 512 * 8192
+
+
+def cpu_loss_rows(v: int) -> int:
+    """Rows of ``[rows, V]`` logits a CPU makes at a time in ``head_cross_entropy``: 512 up to
+    V = 8192, then ``CPU_LOSS_LOGITS // V``, at least 128 (SmolLM2's V = 49152 and Llama 3's
+    128256 take 128)."""
+    return min(CPU_LOSS_ROWS, max(128, CPU_LOSS_LOGITS // v))
 
 
 def head_cross_entropy(x: Array, w: Array, targets: Array, chunk: int) -> tuple[Array, Array]:
@@ -331,7 +341,7 @@ def head_cross_entropy(x: Array, w: Array, targets: Array, chunk: int) -> tuple[
       targets: int [B, T], -100 where nothing counts.
       chunk: positions per chunk (``EngineConfig.loss_chunk``): at most ``[B, chunk, V]``
         logits at once; 0, or at least T, takes every row at once. A CPU takes at most
-        ``CPU_LOSS_ROWS`` rows at a time either way.
+        ``cpu_loss_rows(V)`` rows at a time either way.
     Returns:
       (summed loss in ``acc_dtype``, int count); the mean is ``sum / max(count, 1)``.
     """
@@ -381,15 +391,15 @@ _head_ce.defvjp(_head_ce_fwd, _head_ce_bwd, symbolic_zeros=True)
 def _head_ce_platforms(
     chunk: int, x: Array, w: Array, targets: Array, grad_x: bool, grad_w: bool
 ) -> tuple[Array, Array, Array | None, Array | None]:
-    """``_head_ce_chunks`` with a CPU's rows per chunk capped at ``CPU_LOSS_ROWS``."""
-    rows = _head_rows(x, chunk)
+    """``_head_ce_chunks`` with a CPU's rows per chunk capped at ``cpu_loss_rows(V)``."""
+    rows, cap = _head_rows(x, chunk), cpu_loss_rows(w.shape[1])
 
     def run(r: int) -> Callable[[], tuple[Array, Array, Array | None, Array | None]]:
         return lambda: _head_ce_chunks(x, w, targets, r, grad_x, grad_w)
 
-    if rows <= CPU_LOSS_ROWS:
+    if rows <= cap:
         return run(rows)()
-    out = jax.lax.platform_dependent(cpu=run(CPU_LOSS_ROWS), default=run(rows))
+    out = jax.lax.platform_dependent(cpu=run(cap), default=run(rows))
     return tuple(out)
 
 

@@ -207,6 +207,12 @@ def test_head_loss_equals_the_whole_one(
         assert abs(float(moved) - float(lw)) > 1e-6  # the check sees a changed target
 
 
+def test_cpu_loss_rows_keep_a_chunk_of_logits_near_16_mb() -> None:
+    """512 rows up to V = 8192, then about 4M logits a chunk, never fewer than 128 rows."""
+    got = {v: layers.cpu_loss_rows(v) for v in (37, 8192, 16384, 32000, 49152, 128256)}
+    assert got == {37: 512, 8192: 512, 16384: 256, 32000: 131, 49152: 128, 128256: 128}
+
+
 @pytest.mark.parametrize("prompt", [8, 11])
 def test_head_loss_skips_what_does_not_count(prompt: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A long prompt: its positions are taken last and the chunks of nothing else make no

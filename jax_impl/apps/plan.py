@@ -16,10 +16,10 @@ The step's memory is split as users reason about it:
   to the backward pass;
 * **working sets**, live in one phase only: the forward pass (one block's products and, for
   QLoRA, its kernels dequantized), the loss (one chunk of float32 logits and their cotangent:
-  ``EngineConfig.loss_chunk``, at most 512 rows on a CPU; and the gradients it forms ahead of
-  the backward pass), the backward pass (the top block's saved arrays sliced from
-  the stack, what the remat policy recomputes, the cotangents), and the gradients of the
-  trainable weights from the backward pass to the update.
+  ``EngineConfig.loss_chunk``, at most ``cpu_loss_rows(V)`` rows on a CPU; and the gradients
+  it forms ahead of the backward pass), the backward pass (the top block's saved arrays
+  sliced from the stack, what the remat policy recomputes, the cotangents), and the gradients
+  of the trainable weights from the backward pass to the update.
 
 The peak is the resident bytes plus the largest phase. Every term is a formula over the shape
 (``Dims``) written beside the code it counts: ``attention_saved`` follows
@@ -53,7 +53,7 @@ from flax import nnx
 from ref_numpy.config import LoraConfig, ModelConfig, check_fields, llama_config
 from ref_numpy.formats import hf
 
-from ..layers import CPU_LOSS_ROWS, Frozen
+from ..layers import Frozen, cpu_loss_rows
 from ..model import EngineConfig, Model, lora_targets
 from ..nf4 import NF4State
 from ..train.sharding import MESH_AXES, RULES, MeshConfig, logical_spec, parse_mesh
@@ -499,7 +499,7 @@ def working_sets(
     chunk = eng.loss_chunk if 0 < eng.loss_chunk < t - 1 else t - 1
     rows = g.b * chunk
     if platform == "cpu":
-        rows = min(rows, CPU_LOSS_ROWS)
+        rows = min(rows, cpu_loss_rows(g.v))
     loss = [("logits and their cotangent", 2 * rows * g.v * 4)]
     loss.append(("final hidden state and its cotangent", 2 * m * g.d * c))
     loss.append(("the final hidden state's gradient, float32", m * g.d * a))
