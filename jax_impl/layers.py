@@ -330,10 +330,10 @@ def head_cross_entropy(x: Array, w: Array, targets: Array, chunk: int) -> tuple[
     The backward pass only scales those gradients by the loss's cotangent: the cross-entropy is
     a sum, so its gradient is linear in that cotangent. The ``[B, T, V]`` logits never exist
     at once, nothing is recomputed, and no pass over them is left for the backward pass.
-    Positions whose target is ignored (prompts, padding) are taken last, and a chunk of
-    nothing else makes no logits at all. A
-    trained head (full fine-tuning, tied embeddings) keeps its ``[D, V]`` gradient, in
-    ``acc_dtype``, from the loss to the backward pass.
+    On a CPU, positions whose target is ignored (prompts, padding) are taken last, and a
+    chunk of nothing else makes no logits at all. A trained head (full fine-tuning, tied
+    embeddings) keeps its ``[D, V]`` gradient, in ``acc_dtype``, from the loss to the
+    backward pass.
 
     Args:
       x: [B, T, D] final hidden states (after the final norm), in the compute dtype.
@@ -391,42 +391,46 @@ _head_ce.defvjp(_head_ce_fwd, _head_ce_bwd, symbolic_zeros=True)
 def _head_ce_platforms(
     chunk: int, x: Array, w: Array, targets: Array, grad_x: bool, grad_w: bool
 ) -> tuple[Array, Array, Array | None, Array | None]:
-    """``_head_ce_chunks`` with a CPU's rows per chunk capped at ``cpu_loss_rows(V)``."""
+    """``_head_ce_chunks`` with a CPU's rows per chunk capped at ``cpu_loss_rows(V)``, and on a
+    CPU alone the positions without a counted target skipped: elsewhere the rows of a batch
+    sharded over devices stay where they are, since reordering them would move the hidden
+    states across devices."""
     rows, cap = _head_rows(x, chunk), cpu_loss_rows(w.shape[1])
 
-    def run(r: int) -> Callable[[], tuple[Array, Array, Array | None, Array | None]]:
-        return lambda: _head_ce_chunks(x, w, targets, r, grad_x, grad_w)
+    def run(r: int, skip: bool) -> Callable[[], tuple[Array, Array, Array | None, Array | None]]:
+        return lambda: _head_ce_chunks(x, w, targets, r, grad_x, grad_w, skip)
 
-    if rows <= cap:
-        return run(rows)()
-    out = jax.lax.platform_dependent(cpu=run(cap), default=run(rows))
+    out = jax.lax.platform_dependent(cpu=run(min(rows, cap), True), default=run(rows, False))
     return tuple(out)
 
 
 def _head_ce_chunks(
-    x: Array, w: Array, targets: Array, rows: int, grad_x: bool, grad_w: bool
+    x: Array, w: Array, targets: Array, rows: int, grad_x: bool, grad_w: bool, skip: bool
 ) -> tuple[Array, Array, Array | None, Array | None]:
     """``(loss sum, count, dsum/dx [B, T, D] or None, dsum/dw [D, V] or None)``, the rows
     of x [B, T, D] taken ``rows`` at a time (the last chunk padded with ignored targets);
-    the gradients in ``acc_dtype``. The rows are taken counted targets first, so a chunk of
-    ignored ones only (a prompt, padding) skips its products: with half of every row a
-    prompt, half the head's work is left out."""
+    the gradients in ``acc_dtype``. With ``skip`` the rows are taken counted targets first,
+    so a chunk of ignored ones only (a prompt, padding) skips its products: with half of
+    every row a prompt, half the head's work is left out."""
     b, t, d = x.shape
     acc = acc_dtype(x.dtype)
     m = b * t
     n = -(-m // rows)
     pad = n * rows - m
-    flat = targets.reshape(m)  # [M]
-    # counted positions first (in order), so the ignored ones (prompts, padding) fill the
-    # last chunks, which skip the head's products altogether
-    order = jnp.argsort(flat == IGNORE_INDEX, stable=True)  # [M]
-    xs = jnp.pad(x.reshape(m, d)[order], ((0, pad), (0, 0))).reshape(n, rows, d)  # [n,C,D]
-    ts = jnp.pad(flat[order], (0, pad), constant_values=IGNORE_INDEX).reshape(n, rows)
+    xf, flat = x.reshape(m, d), targets.reshape(m)  # [M,D], [M]
+    order = None
+    if skip:  # counted positions first (in order): the ignored ones fill the last chunks
+        order = jnp.argsort(flat == IGNORE_INDEX, stable=True)  # [M]
+        xf, flat = xf[order], flat[order]  # [M,D], [M]
+    xs = jnp.pad(xf, ((0, pad), (0, 0))).reshape(n, rows, d)  # [n,C,D]
+    ts = jnp.pad(flat, (0, pad), constant_values=IGNORE_INDEX).reshape(n, rows)  # [n,C]
 
     def piece(dw: Array | None, xt: tuple[Array, Array]) -> tuple[Any, Any]:
         xc, tc = xt  # [C,D], [C]
-        skip = (dw, (jnp.zeros((), acc), jnp.zeros(xc.shape, acc) if grad_x else None))
-        return jax.lax.cond((tc != IGNORE_INDEX).any(), counted, lambda *_: skip, dw, xc, tc)
+        if not skip:
+            return counted(dw, xc, tc)
+        none = (dw, (jnp.zeros((), acc), jnp.zeros(xc.shape, acc) if grad_x else None))
+        return jax.lax.cond((tc != IGNORE_INDEX).any(), counted, lambda *_: none, dw, xc, tc)
 
     def counted(dw: Array | None, xc: Array, tc: Array) -> tuple[Any, Any]:
         logits = jnp.einsum("CD,DV->CV", xc, w, preferred_element_type=acc)  # [C,V]
@@ -451,9 +455,9 @@ def _head_ce_chunks(
     count = (targets != IGNORE_INDEX).sum()
     if dxs is None:
         return losses.sum(), count, None, dw
-    back = jnp.argsort(order)  # [M]: where each position went
-    dx = dxs.reshape(n * rows, d)[back].reshape(b, t, d)  # [nC,D] -> [B,T,D]
-    return losses.sum(), count, dx, dw
+    dx = dxs.reshape(n * rows, d)  # [nC,D]
+    dx = dx[:m] if order is None else dx[jnp.argsort(order)]  # [M,D]: back where each came from
+    return losses.sum(), count, dx.reshape(b, t, d), dw
 
 
 def row_cross_entropy(

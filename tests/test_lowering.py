@@ -55,6 +55,7 @@ from jax.stages import Wrapped
 
 from jax_impl import generate
 from jax_impl.attention import cache_dtype
+from jax_impl.layers import head_cross_entropy
 from jax_impl.model import REMAT_POLICIES, EngineConfig, Model
 from jax_impl.positional import rope_tables
 from jax_impl.train import trainer as trainer_module
@@ -355,6 +356,19 @@ def test_rope_tables_loop_only_on_a_cpu() -> None:
     for platform in ("cpu", *PLATFORMS):
         module = jax.export.export(tables, platforms=(platform,))(positions).mlir_module()
         assert ("stablehlo.while" in module) == (platform == "cpu"), platform
+
+
+def test_loss_reorders_its_rows_only_on_a_cpu() -> None:
+    """The training loss takes counted targets first and skips chunks of prompts and padding
+    on a CPU alone (the sort that orders them); on a GPU or TPU the rows of a batch sharded
+    over devices stay where they are."""
+    x = jax.ShapeDtypeStruct((B, T, CFG.d_model), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((CFG.d_model, CFG.vocab_size), jnp.bfloat16)
+    targets = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    grad = jax.jit(jax.grad(lambda x, w, t: head_cross_entropy(x, w, t, 0)[0]))
+    for platform in ("cpu", *PLATFORMS):
+        module = jax.export.export(grad, platforms=(platform,))(x, w, targets).mlir_module()
+        assert ("stablehlo.sort" in module) == (platform == "cpu"), platform
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
